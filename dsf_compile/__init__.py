@@ -1,0 +1,173 @@
+"""dsf-compile: train recurrent networks with Diagonal State Feedbacks instead of BPTT.
+
+``dsf_compile.apply(model)`` compiles a model in place through a torch.compile backend
+that finds its recurrent loops and rewrites their backward pass (DESIGN.md §1–3).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .backend import DSFBackend, DSFError, UnsupportedLoopError
+from .feedback import Feedback, FeedbackError
+from .loop_ir import LeftExact, LoopIR
+from .ops import loop_states, reverse_linear_scan
+from .report import LoopReport, Report
+
+RECOMPILE_LIMIT = 64
+
+__all__ = [
+    "DSFBackend",
+    "DSFError",
+    "Feedback",
+    "FeedbackError",
+    "LeftExact",
+    "LoopIR",
+    "LoopReport",
+    "Report",
+    "UnsupportedLoopError",
+    "apply",
+    "backend",
+    "explain",
+    "loop_states",
+    "report",
+    "reverse_linear_scan",
+]
+
+
+def backend(
+    mode: str = "dsf",
+    feedback: Feedback = "linspace",
+    *,
+    seed: int = 0,
+    strict: bool = False,
+    compiler: str = "inductor",
+) -> DSFBackend:
+    """A backend for ``torch.compile(fn, backend=dsf_compile.backend(...))``.
+
+    Call the compiled function inside :func:`recurrent_ops_visible` (or set
+    ``torch._dynamo.config.allow_rnn = True``) so that nn.RNN/GRU/LSTM reach it;
+    :func:`apply` does this for you.
+    """
+    return DSFBackend(mode, feedback, seed=seed, strict=strict, compiler=compiler)
+
+
+def recurrent_ops_visible():
+    """A context in which Dynamo traces nn.RNN/GRU/LSTM into the graph instead of running
+    them eagerly behind a graph break (its default, DESIGN.md §6).
+
+    It also raises Dynamo's per-function recompile limit: every model of one class shares
+    its ``forward``'s cache, and past the limit Dynamo silently runs eagerly, i.e. with
+    exact gradients instead of the mode asked for.
+    """
+    return torch._dynamo.config.patch(allow_rnn=True, recompile_limit=RECOMPILE_LIMIT)
+
+
+def _compile_forward(model: nn.Module, dsf_backend: DSFBackend, dynamic: bool | None):
+    # The class's own forward, bound to this model: Dynamo skips the bound ``_call_impl``
+    # of a bare torch.nn module (``nn.GRU(...).compile()`` silently runs eagerly), and an
+    # already applied model's ``forward`` is our wrapper.
+    forward = type(model).forward.__get__(model)
+    return torch.compile(forward, backend=dsf_backend, dynamic=dynamic)
+
+
+def _unwrap_backend_error(error: Exception) -> Exception:
+    inner = getattr(error, "inner_exception", None)
+    return inner if isinstance(inner, (DSFError, FeedbackError)) else error
+
+
+class _CompiledForward:
+    """Replaces ``model.forward``: runs the compiled forward with recurrent ops
+    visible to Dynamo, surfaces our own errors unwrapped, and warns once when the model
+    turned out to hold no loop to rewrite."""
+
+    def __init__(self, compiled, dsf_backend: DSFBackend) -> None:
+        self.compiled, self.backend, self._checked = compiled, dsf_backend, False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            with recurrent_ops_visible():
+                out = self.compiled(*args, **kwargs)
+        except Exception as error:
+            unwrapped = _unwrap_backend_error(error)
+            if unwrapped is error:
+                raise
+            raise unwrapped from None
+        if not self._checked:
+            self._checked = True
+            self._warn_if_nothing_found()
+        return out
+
+    def _warn_if_nothing_found(self) -> None:
+        report = self.backend.report
+        if report.loops:
+            return
+        message = (
+            "dsf_compile found no recurrent loop in this model, so it trains with ordinary exact "
+            "gradients. " + (str(report) if report.left_exact else "")
+        )
+        if self.backend.strict:
+            raise UnsupportedLoopError(message + " (strict=True)")
+        warnings.warn(message, stacklevel=3)
+
+
+def apply(
+    model: nn.Module,
+    mode: str = "dsf",
+    feedback: Feedback = "linspace",
+    *,
+    seed: int = 0,
+    strict: bool = False,
+    compiler: str = "inductor",
+    dynamic: bool | None = None,
+) -> nn.Module:
+    """Compile ``model`` in place so that its recurrent loops train with ``mode``.
+
+    ``mode``: ``"dsf"`` (diagonal state feedback), ``"ft"`` (fully truncated, λ = 0) or
+    ``"bptt"`` (exact gradients).  ``feedback`` sets λ per loop: ``"linspace"`` (λ =
+    linspace(0, 1, state size), the paper's choice), ``"uniform"`` (U[0, 1) drawn from
+    ``seed``, different per loop), a float, a 1-D tensor (for every loop of that state
+    size) or a callable ``LoopIR -> λ``.  ``strict=True`` makes anything that would be
+    left exact an error.  Parameter names and ``state_dict`` keys are unchanged; the
+    same object is returned.  See :func:`report` for what was rewritten.
+    """
+    dsf_backend = backend(mode, feedback, seed=seed, strict=strict, compiler=compiler)
+    model.forward = _CompiledForward(_compile_forward(model, dsf_backend, dynamic), dsf_backend)
+    model._dsf_backend = dsf_backend
+    return model
+
+
+def report(model: nn.Module) -> Report:
+    """What :func:`apply` found and rewrote in ``model`` so far (after its first call)."""
+    dsf_backend = getattr(model, "_dsf_backend", None)
+    if dsf_backend is None:
+        raise ValueError("this model was not compiled with dsf_compile.apply")
+    return dsf_backend.report
+
+
+def explain(
+    model: nn.Module,
+    *example_args: Any,
+    mode: str = "dsf",
+    feedback: Feedback = "linspace",
+    seed: int = 0,
+    **example_kwargs: Any,
+) -> Report:
+    """Which loops :func:`apply` would rewrite in ``model`` for these inputs, and what it
+    would leave exact and why.  Runs the model once (without gradients); the model
+    itself is not changed."""
+    probe = backend(mode, feedback, seed=seed, compiler="none")
+    compiled = _compile_forward(model, probe, dynamic=False)
+    try:
+        with recurrent_ops_visible(), torch.no_grad():
+            compiled(*example_args, **example_kwargs)
+    except Exception as error:
+        unwrapped = _unwrap_backend_error(error)
+        if unwrapped is error:
+            raise
+        raise unwrapped from None
+    return probe.report

@@ -1,0 +1,108 @@
+"""Step functions and whole-sequence kernels of the cells behind nn.RNN, nn.GRU, nn.LSTM.
+
+A step function is what a loop's ``body`` is traced from: one time step on ``(B, ...)``
+rows, written with ordinary torch ops so that ``vmap`` over time turns every weight use
+into one GEMM over all T·B rows.  A kernel computes every state of a loop at once with
+the fastest eager implementation available (cuDNN on CUDA), and is only ever asked for
+values: gradients come from the rewrite, or, in exact mode, from autograd through it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def rnn_tanh_step(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih=None, b_hh=None):
+    return (torch.tanh(F.linear(x, w_ih, b_ih) + F.linear(h, w_hh, b_hh)),)
+
+
+def rnn_relu_step(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih=None, b_hh=None):
+    return (torch.relu(F.linear(x, w_ih, b_ih) + F.linear(h, w_hh, b_hh)),)
+
+
+def gru_step(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih=None, b_hh=None):
+    x_r, x_z, x_n = F.linear(x, w_ih, b_ih).chunk(3, -1)
+    h_r, h_z, h_n = F.linear(h, w_hh, b_hh).chunk(3, -1)
+    r = torch.sigmoid(x_r + h_r)
+    z = torch.sigmoid(x_z + h_z)
+    n = torch.tanh(x_n + r * h_n)
+    return (n + z * (h - n),)
+
+
+def lstm_step(x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih=None, b_hh=None):
+    i, f, g, o = (F.linear(x, w_ih, b_ih) + F.linear(h, w_hh, b_hh)).chunk(4, -1)
+    c_next = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c_next), c_next
+
+
+STEPS: dict[str, Callable] = {
+    "rnn_tanh": rnn_tanh_step,
+    "rnn_relu": rnn_relu_step,
+    "gru": gru_step,
+    "lstm": lstm_step,
+}
+CARRIES: dict[str, tuple[str, ...]] = {
+    "rnn_tanh": ("h",),
+    "rnn_relu": ("h",),
+    "gru": ("h",),
+    "lstm": ("h", "c"),
+}
+
+
+def trace_step(kind: str, has_biases: bool) -> torch.fx.GraphModule:
+    """The FX body of one step of ``kind``: (x, *carries, w_ih, w_hh[, b_ih, b_hh])."""
+    step = STEPS[kind]
+    if kind == "lstm":
+        if has_biases:
+            def body(x, h, c, w_ih, w_hh, b_ih, b_hh):
+                return step(x, h, c, w_ih, w_hh, b_ih, b_hh)
+        else:
+            def body(x, h, c, w_ih, w_hh):
+                return step(x, h, c, w_ih, w_hh)
+    elif has_biases:
+        def body(x, h, w_ih, w_hh, b_ih, b_hh):
+            return step(x, h, w_ih, w_hh, b_ih, b_hh)
+    else:
+        def body(x, h, w_ih, w_hh):
+            return step(x, h, w_ih, w_hh)
+    return torch.fx.symbolic_trace(body)
+
+
+def _single_layer(kind: str, x: Tensor, carries: list[Tensor], weights: list[Tensor]) -> list[Tensor]:
+    """All states of one forward-in-time layer, through torch's fused RNN ops."""
+    has_biases = len(weights) == 4
+    if kind == "lstm":
+        h0, c0 = carries
+        hs = torch.lstm(x, (h0[None], c0[None]), weights, has_biases, 1, 0.0, False, False, False)[0]
+        # cuDNN does not expose the cell states; they follow from the hidden states by a
+        # linear recurrence with the (batched) gates as coefficients.
+        h_prev = torch.cat([h0[None], hs[:-1]])
+        gates = F.linear(x, weights[0], weights[2] if has_biases else None)
+        gates = gates + F.linear(h_prev, weights[1], weights[3] if has_biases else None)
+        i, f, g, _ = gates.chunk(4, -1)
+        forget = torch.sigmoid(f)
+        write = torch.sigmoid(i) * torch.tanh(g)
+        cs = []
+        c = c0
+        for t in range(x.shape[0]):
+            c = torch.addcmul(write[t], forget[t], c)
+            cs.append(c)
+        return [hs, torch.stack(cs)]
+    op = {"gru": torch.gru, "rnn_tanh": torch.rnn_tanh, "rnn_relu": torch.rnn_relu}[kind]
+    return [op(x, carries[0][None], weights, has_biases, 1, 0.0, False, False, False)[0]]
+
+
+def run_kernel(
+    kind: str, reverse: bool, step_inputs: list[Tensor], carries: list[Tensor], invariants: list[Tensor]
+) -> list[Tensor]:
+    """Every state ``(T, B, size)`` of a ``kind`` loop; ``reverse`` runs from t = T to 1."""
+    (x,) = step_inputs
+    if not reverse:
+        return _single_layer(kind, x, carries, invariants)
+    states = _single_layer(kind, x.flip(0), carries, invariants)
+    return [s.flip(0) for s in states]

@@ -1,0 +1,85 @@
+"""The diagonal feedback λ of each loop: resolving the user's ``feedback`` option."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Union
+
+import torch
+from torch import Tensor
+
+from .loop_ir import LoopIR
+
+Feedback = Union[str, float, Tensor, Callable[[LoopIR], Union[Tensor, float, Sequence[float]]]]
+
+
+class FeedbackError(ValueError):
+    """λ given for a loop does not fit it."""
+
+
+def check_feedback_option(feedback: Feedback) -> None:
+    """Reject an unusable ``feedback`` argument before anything is compiled."""
+    if isinstance(feedback, str):
+        if feedback not in ("linspace", "uniform"):
+            raise ValueError(f"feedback={feedback!r}: expected 'linspace', 'uniform', a float, a 1-D tensor or a callable")
+    elif isinstance(feedback, bool):
+        raise TypeError("feedback must be 'linspace', 'uniform', a float, a 1-D tensor or a callable, not a bool")
+    elif isinstance(feedback, (int, float)):
+        _check_range(torch.tensor([float(feedback)]), "feedback")
+    elif isinstance(feedback, Tensor):
+        if feedback.dim() != 1:
+            raise FeedbackError(f"feedback tensor must be 1-D (one λ per state unit), got shape {tuple(feedback.shape)}")
+        _check_range(feedback, "feedback tensor")
+    elif not callable(feedback):
+        raise TypeError(f"feedback must be 'linspace', 'uniform', a float, a 1-D tensor or a callable, not {type(feedback).__name__}")
+
+
+def _check_range(lam: Tensor, what: str) -> None:
+    if not bool(torch.isfinite(lam).all()) or bool((lam < 0).any()) or bool((lam > 1).any()):
+        raise FeedbackError(
+            f"{what}: λ must lie in [0, 1] (a feedback above 1 makes the backward recurrence grow "
+            f"without bound); got min {lam.min().item():.4g}, max {lam.max().item():.4g}"
+        )
+
+
+def resolve_feedback(feedback: Feedback, loop: LoopIR, seed: int) -> Tensor:
+    """λ for ``loop``: a float64 CPU tensor of shape ``(loop.state_size,)`` in [0, 1].
+
+    ``seed`` seeds the draw of ``"uniform"``; callers make it differ between loops.
+    """
+    size = loop.state_size
+    if isinstance(feedback, str) and feedback == "linspace":
+        lam = torch.linspace(0, 1, size, dtype=torch.float64)
+    elif isinstance(feedback, str):
+        generator = torch.Generator().manual_seed(seed)
+        lam = torch.rand(size, generator=generator, dtype=torch.float64)
+    elif isinstance(feedback, (int, float)):
+        lam = torch.full((size,), float(feedback), dtype=torch.float64)
+    elif isinstance(feedback, Tensor):
+        lam = feedback
+    else:
+        lam = feedback(loop)
+        if isinstance(lam, (int, float)):
+            lam = torch.full((size,), float(lam), dtype=torch.float64)
+    lam = torch.as_tensor(lam).detach().to("cpu", torch.float64)
+    if lam.shape != (size,):
+        carries = " + ".join(f"{n}:{s}" for n, s in zip(loop.carry_names, loop.carry_sizes))
+        raise FeedbackError(
+            f"λ for loop {loop.name} ({loop.source}) has shape {tuple(lam.shape)}, expected ({size},): "
+            f"one value per unit of its state ({carries}). Pass a callable feedback to give loops "
+            f"of different sizes their own λ."
+        )
+    _check_range(lam, f"λ for loop {loop.name}")
+    return lam
+
+
+def summarize(lam: Tensor | None) -> str:
+    """A short human description of λ for reports."""
+    if lam is None:
+        return "-"
+    if lam.numel() == 1 or bool((lam == lam[0]).all()):
+        return f"const {lam[0].item():.3g}"
+    ref = torch.linspace(0, 1, lam.numel(), dtype=lam.dtype)
+    if torch.allclose(lam, ref):
+        return f"linspace(0, 1, {lam.numel()})"
+    return f"min {lam.min().item():.3g} mean {lam.mean().item():.3g} max {lam.max().item():.3g}"

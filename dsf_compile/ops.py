@@ -1,0 +1,122 @@
+"""Custom operators the rewrites put into graphs.
+
+They are opaque to AOTAutograd and Inductor on purpose: each is one node whatever the
+sequence length, so compile time does not grow with T, and each picks the fastest
+implementation for the device at run time.
+
+* ``dsf::reverse_linear_scan`` — the DSF feedback recurrence ``δ_t = g_t + λ ⊙ δ_{t+1}``.
+* ``dsf::loop_states`` — every state of a loop with a known kernel (cuDNN for nn.GRU...).
+  Differentiable (exact BPTT, by recomputing with autograd in the backward) for mode
+  ``"bptt"``; the DSF/FT rewrites call it on detached inputs, for values only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+from .cells import run_kernel
+
+
+@torch.library.custom_op("dsf::reverse_linear_scan", mutates_args=())
+def reverse_linear_scan(g: Tensor, lam: Tensor, backwards: bool) -> Tensor:
+    """``δ_t = g_t + λ ⊙ δ_{t+1}`` over dim 0 with ``δ_{T+1} = 0`` (``backwards``), or
+    ``δ_t = g_t + λ ⊙ δ_{t-1}`` with ``δ_0 = 0`` (not ``backwards``, for reverse-time loops).
+
+    ``g`` is ``(T, ..., S)`` and ``lam`` is ``(S,)``.  A plain loop of fused
+    multiply-adds: on a CPU it beats every scan formulation (DESIGN.md §6).
+    """
+    delta = torch.empty_like(g)
+    steps = range(g.shape[0] - 1, -1, -1) if backwards else range(g.shape[0])
+    lam = lam.to(g.dtype)
+    acc = None
+    for t in steps:
+        acc = g[t] if acc is None else torch.addcmul(g[t], lam, acc)
+        delta[t] = acc
+    return delta
+
+
+@reverse_linear_scan.register_fake
+def _(g: Tensor, lam: Tensor, backwards: bool) -> Tensor:
+    return torch.empty_like(g)
+
+
+@torch.library.custom_op("dsf::loop_states", mutates_args=())
+def loop_states(
+    kernel: str, reverse: bool, step_inputs: list[Tensor], carries: list[Tensor], invariants: list[Tensor]
+) -> list[Tensor]:
+    """Every carried value ``(T, B, size)`` of a loop, by the eager kernel ``kernel``."""
+    with torch.no_grad():
+        return [s.contiguous() for s in run_kernel(kernel, reverse, step_inputs, carries, invariants)]
+
+
+@loop_states.register_fake
+def _(kernel, reverse, step_inputs, carries, invariants):
+    length = step_inputs[0].shape[0]
+    return [c.new_empty((length, *c.shape)) for c in carries]
+
+
+@contextlib.contextmanager
+def _autograd_enabled_inside_op():
+    """Autograd inside a custom op's implementation.
+
+    The dispatcher runs an op's kernel with the autograd keys excluded (it sits below
+    autograd); re-include them, and grad mode, for the recomputation.
+    """
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    exclude = exclude.remove(torch._C.DispatchKey.AutogradFunctionality)
+    exclude = exclude.remove(torch._C.DispatchKey.ADInplaceOrView)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude):
+        with torch.enable_grad():
+            yield
+
+
+@torch.library.custom_op("dsf::loop_states_backward", mutates_args=())
+def loop_states_backward(
+    kernel: str,
+    reverse: bool,
+    grads: list[Tensor],
+    step_inputs: list[Tensor],
+    carries: list[Tensor],
+    invariants: list[Tensor],
+) -> list[Tensor]:
+    """Exact BPTT gradients of :func:`loop_states` for every input, in order.
+
+    Recomputes the forward with autograd on (cuDNN's own backward on CUDA): one more
+    forward pass buys a graph whose size does not depend on T.
+    """
+    inputs = [t.detach().requires_grad_() for t in (*step_inputs, *carries, *invariants)]
+    n_in, n_carry = len(step_inputs), len(carries)
+    with _autograd_enabled_inside_op():
+        states = run_kernel(
+            kernel, reverse, inputs[:n_in], inputs[n_in : n_in + n_carry], inputs[n_in + n_carry :]
+        )
+        found = torch.autograd.grad(states, inputs, grads, allow_unused=True)
+    return [torch.zeros_like(t) if d is None else d for t, d in zip(inputs, found)]
+
+
+@loop_states_backward.register_fake
+def _(kernel, reverse, grads, step_inputs, carries, invariants):
+    return [torch.empty_like(t) for t in (*step_inputs, *carries, *invariants)]
+
+
+def _setup_loop_states(ctx, inputs, output):
+    kernel, reverse, step_inputs, carries, invariants = inputs
+    ctx.kernel, ctx.reverse = kernel, reverse
+    ctx.sizes = (len(step_inputs), len(carries))
+    ctx.save_for_backward(*step_inputs, *carries, *invariants)
+
+
+def _loop_states_grad(ctx, grads):
+    saved = ctx.saved_tensors
+    n_in, n_carry = ctx.sizes
+    step_inputs, carries, invariants = saved[:n_in], saved[n_in : n_in + n_carry], saved[n_in + n_carry :]
+    length = step_inputs[0].shape[0]
+    grads = [c.new_zeros((length, *c.shape)) if g is None else g for g, c in zip(grads, carries)]
+    found = loop_states_backward(ctx.kernel, ctx.reverse, grads, step_inputs, carries, invariants)
+    return None, None, found[:n_in], found[n_in : n_in + n_carry], found[n_in + n_carry :]
+
+
+loop_states.register_autograd(_loop_states_grad, setup_context=_setup_loop_states)

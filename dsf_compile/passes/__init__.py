@@ -1,0 +1,1 @@
+"""Graph passes: front ends that find loops (``find_*``) and the rewrites that replace them."""

@@ -1,0 +1,57 @@
+"""Rewrite: replace a fused recurrent op by its loops, each run through :func:`run_loop`.
+
+The replacement keeps the op's signature and outputs, so downstream nodes are untouched,
+and applies inter-layer dropout itself: torch's own decomposition of these ops silently
+drops it (DESIGN.md §6), which in exact mode would change what the model trains.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..runtime import run_loop
+from .find_rnn_ops import RecurrentOpSite
+
+
+def make_site_runner(site: RecurrentOpSite, mode: str, lams: list[Tensor | None]):
+    """A function with ``torch.<kind>``'s signature computing it loop by loop."""
+    directions = 2 if site.bidirectional else 1
+    per_loop = site.weights_per_loop
+    # λ enters the traced program as a list of floats turned into a tensor inside it:
+    # a tensor captured from here would be a real tensor among fake ones.
+    lam_values = [None if lam is None else lam.tolist() for lam in lams]
+
+    def runner(x: Tensor, hx, params, *_static):
+        if site.batch_first:
+            x = x.transpose(0, 1)
+        carries0 = list(hx) if site.kind == "lstm" else [hx]
+        finals: list[list[Tensor]] = []
+        for layer in range(site.num_layers):
+            outputs = []
+            for direction in range(directions):
+                index = layer * directions + direction
+                loop = site.loops[index]
+                values = lam_values[index]
+                lam = None if values is None else torch.tensor(values, dtype=x.dtype, device=x.device)
+                weights = list(params[index * per_loop : (index + 1) * per_loop])
+                init = [c[index] for c in carries0]
+                states = run_loop(loop, mode, lam, [x], init, weights)
+                outputs.append(states[0])
+                finals.append([s[0] if loop.reverse else s[-1] for s in states])
+            x = outputs[0] if directions == 1 else torch.cat(outputs, -1)
+            if site.train and site.dropout > 0 and layer < site.num_layers - 1:
+                x = F.dropout(x, site.dropout, training=True)
+        if site.batch_first:
+            x = x.transpose(0, 1)
+        return (x, *(torch.stack([f[i] for f in finals]) for i in range(len(carries0))))
+
+    runner.__name__ = runner.__qualname__ = f"dsf_{site.kind}_{mode}"
+    return runner
+
+
+def rewrite_recurrent_op(gm: torch.fx.GraphModule, site: RecurrentOpSite, mode: str, lams: list[Tensor | None]) -> None:
+    """Point ``site``'s node at the loop-by-loop runner."""
+    site.node.target = make_site_runner(site, mode, lams)
+    gm.recompile()

@@ -1,0 +1,49 @@
+"""What the passes found and did: the object behind :func:`dsf_compile.explain`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tabulate import tabulate
+
+from .loop_ir import LeftExact
+
+
+@dataclass
+class LoopReport:
+    """One loop found in a compiled graph and the rewrite applied to it."""
+
+    name: str
+    origin: str
+    source: str
+    length: str
+    batch: str
+    state_size: int
+    direction: str
+    carries: str
+    feedback: str
+    rewrite: str
+
+
+@dataclass
+class Report:
+    """Loops found (``.loops``) and things left exact (``.left_exact``), over all graphs."""
+
+    loops: list[LoopReport] = field(default_factory=list)
+    left_exact: list[LeftExact] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        parts = []
+        if self.loops:
+            rows = [
+                [r.name, r.source, r.length, r.batch, r.state_size, r.direction, r.carries, r.feedback, r.rewrite]
+                for r in self.loops
+            ]
+            headers = ["loop", "source", "T", "B", "state", "direction", "carries", "λ", "rewrite"]
+            parts.append(f"{len(self.loops)} recurrent loop(s):\n" + tabulate(rows, headers=headers))
+        else:
+            parts.append("no recurrent loop found: every gradient stays exact")
+        if self.left_exact:
+            rows = [[e.what, e.source, e.reason] for e in self.left_exact]
+            parts.append("left exact:\n" + tabulate(rows, headers=["what", "source", "why"]))
+        return "\n\n".join(parts)
