@@ -1,0 +1,140 @@
+"""The literal DSF reference of DESIGN.md §1, written independently of the library.
+
+Forward: step by step.  Backward: per-step autograd with the carried state held
+constant, and the δ recursion written out as a Python loop, layer by layer from the top.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def cell(kind: str, x, state, w_ih, w_hh, b_ih, b_hh):
+    """One step of the cell behind ``kind``; ``state`` is concat(h, c) for LSTM."""
+    gi = x @ w_ih.T + (0 if b_ih is None else b_ih)
+    if kind == "lstm":
+        h, c = state.chunk(2, -1)
+        gates = gi + h @ w_hh.T + (0 if b_hh is None else b_hh)
+        i, f, g, o = gates.chunk(4, -1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.cat([torch.sigmoid(o) * torch.tanh(c), c], -1)
+    gh = state @ w_hh.T + (0 if b_hh is None else b_hh)
+    if kind == "gru":
+        i_r, i_z, i_n = gi.chunk(3, -1)
+        h_r, h_z, h_n = gh.chunk(3, -1)
+        r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+        n = torch.tanh(i_n + r * h_n)
+        return (1 - z) * n + z * state
+    pre = gi + gh
+    return torch.tanh(pre) if kind == "rnn_tanh" else torch.relu(pre)
+
+
+def kind_of(module: nn.Module) -> str:
+    if isinstance(module, nn.LSTM):
+        return "lstm"
+    if isinstance(module, nn.GRU):
+        return "gru"
+    return "rnn_" + module.nonlinearity
+
+
+def dsf_reference(module: nn.RNNBase, x, h0, lams, loss_fn, dropout_masks=None):
+    """Forward outputs and DSF gradients of ``loss_fn(output, h_n[, c_n])``.
+
+    ``h0``: None, a tensor, or (h0, c0) for LSTM.  ``lams``: one λ per (layer, direction),
+    layer-major.  ``dropout_masks[l]`` multiplies the input of layer l + 1 (default: 1).
+    Returns (outputs, grads) with grads keyed by parameter name, "x" and "h0"/"c0".
+    """
+    kind = kind_of(module)
+    L, H = module.num_layers, module.hidden_size
+    D = 2 if module.bidirectional else 1
+    if module.batch_first:
+        x = x.transpose(0, 1)
+    T, B = x.shape[:2]
+    zeros = x.new_zeros(L * D, B, H)
+    if kind == "lstm":
+        h_init, c_init = h0 if h0 is not None else (zeros, zeros)
+        init = torch.cat([h_init, c_init], -1)
+    else:
+        init = h0 if h0 is not None else zeros
+    params = dict(module.named_parameters())
+
+    def weights(layer, d):
+        sfx = f"_l{layer}" + ("_reverse" if d else "")
+        return [params.get(f"{n}{sfx}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+
+    def order(d):
+        return range(T - 1, -1, -1) if d else range(T)
+
+    # forward, recording every state and the state each step consumed
+    inputs, states, prevs = [], {}, {}
+    layer_in = x.detach()
+    with torch.no_grad():
+        for layer in range(L):
+            inputs.append(layer_in)
+            outs = []
+            for d in range(D):
+                s = init[layer * D + d]
+                seq = [None] * T
+                prev = [None] * T
+                for t in order(d):
+                    prev[t] = s
+                    s = cell(kind, layer_in[t], s, *weights(layer, d))
+                    seq[t] = s
+                states[layer, d], prevs[layer, d] = seq, prev
+                outs.append(torch.stack(seq)[..., :H])
+            layer_in = torch.cat(outs, -1)
+            if layer < L - 1 and dropout_masks is not None:
+                layer_in = layer_in * dropout_masks[layer]
+
+    # direct gradients from the loss
+    out = layer_in.clone().requires_grad_()
+    finals = [states[ld][T - 1 if ld[1] == 0 else 0] for ld in sorted(states)]
+    final = torch.stack(finals).clone().requires_grad_()
+    user_out = out.transpose(0, 1) if module.batch_first else out
+    extra = (final[..., H:],) if kind == "lstm" else ()
+    loss = loss_fn(user_out, final[..., :H], *extra)
+    g_out, g_final = torch.autograd.grad(loss, [out, final], allow_unused=True)
+    g_out = torch.zeros_like(out) if g_out is None else g_out
+    g_final = torch.zeros_like(final) if g_final is None else g_final
+
+    grads = {name: torch.zeros_like(p) for name, p in params.items()}
+    g_init = torch.zeros_like(init)
+    g_layer_out = g_out
+    for layer in reversed(range(L)):
+        g_in = torch.zeros_like(inputs[layer])
+        for d in range(D):
+            idx = layer * D + d
+            w = [p for p in weights(layer, d) if p is not None]
+            lam = lams[idx].to(x.dtype)
+            g = [torch.zeros_like(init[idx]) for _ in range(T)]
+            for t in range(T):
+                g[t] = g[t].clone()
+                g[t][:, :H] += g_layer_out[t][:, d * H : (d + 1) * H]
+            g[T - 1 if d == 0 else 0] = g[T - 1 if d == 0 else 0] + g_final[idx]
+            delta = [None] * T
+            nxt = None
+            for t in reversed(list(order(d))):
+                delta[t] = g[t] if nxt is None else g[t] + lam * nxt
+                nxt = delta[t]
+            for t in range(T):
+                x_t = inputs[layer][t].clone().requires_grad_()
+                with torch.enable_grad():
+                    new = cell(kind, x_t, prevs[layer, d][t], *weights(layer, d))
+                    found = torch.autograd.grad(new, [x_t, *w], delta[t])
+                g_in[t] += found[0]
+                names = [n for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+                sfx = f"_l{layer}" + ("_reverse" if d else "")
+                for name, gw in zip([n + sfx for n in names if params.get(n + sfx) is not None], found[1:]):
+                    grads[name] += gw
+            g_init[idx] = lam * delta[0 if d == 0 else T - 1]
+        if layer > 0 and dropout_masks is not None:
+            g_in = g_in * dropout_masks[layer - 1]
+        g_layer_out = g_in
+    grads["x"] = g_layer_out.transpose(0, 1) if module.batch_first else g_layer_out
+    if kind == "lstm":
+        grads["h0"], grads["c0"] = g_init[..., :H], g_init[..., H:]
+    else:
+        grads["h0"] = g_init
+    outputs = (user_out.detach(), final[..., :H].detach(), *(e.detach() for e in extra))
+    return outputs, grads
