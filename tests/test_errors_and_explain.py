@@ -1,0 +1,131 @@
+"""Bad input gets a clear error or warning; explain() reports what was found."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import dsf_compile
+
+from .helpers import assert_close, run_compiled, run_eager
+
+
+class TwoLayerLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 4)
+        self.encoder = nn.GRU(4, 6, 2, bidirectional=True)
+        self.decoder = nn.LSTM(12, 4)
+        self.head = nn.Linear(4, 11)
+
+    def forward(self, tokens):
+        y, _ = self.encoder(self.embed(tokens))
+        z, (h, c) = self.decoder(y)
+        return self.head(z)
+
+
+def test_model_without_recurrence_warns_and_stays_exact():
+    mlp = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    ref = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    ref.load_state_dict(mlp.state_dict())
+    dsf_compile.apply(mlp, compiler="aot_eager")
+    x = torch.randn(5, 3, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="no recurrent loop"):
+        mlp(x).sum().backward()
+    ref(x).sum().backward()
+    assert torch.allclose(mlp[0].weight.grad, ref[0].weight.grad)
+
+
+def test_strict_model_without_recurrence_raises():
+    mlp = dsf_compile.apply(nn.Linear(3, 4), strict=True, compiler="aot_eager")
+    with pytest.raises(dsf_compile.UnsupportedLoopError, match="no recurrent loop"):
+        mlp(torch.randn(2, 3))
+
+
+def test_lstm_with_projection_is_left_exact_and_reported():
+    torch.manual_seed(0)
+    lstm = nn.LSTM(3, 5, proj_size=2).double()
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    loss_fn = lambda out, h, c: out.sum() + c.sum()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, outputs, grads = run_compiled(lstm, x, None, loss_fn, "dsf")
+    want_outputs, want = run_eager(lstm, x, None, loss_fn)
+    assert_close(grads, want, 1e-9)
+    report = dsf_compile.report(model)
+    assert report.loops == []
+    assert len(report.left_exact) == 1 and "proj_size" in report.left_exact[0].reason
+    assert "proj_size" in str(report)
+
+
+def test_lstm_with_projection_strict_raises():
+    lstm = dsf_compile.apply(nn.LSTM(3, 5, proj_size=2), strict=True, compiler="aot_eager")
+    with pytest.raises(dsf_compile.UnsupportedLoopError, match="proj_size"):
+        lstm(torch.randn(4, 2, 3))
+
+
+def test_feedback_of_wrong_size_names_the_loop():
+    model = dsf_compile.apply(nn.GRU(3, 5), feedback=torch.full((4,), 0.5), compiler="aot_eager")
+    with pytest.raises(dsf_compile.FeedbackError, match=r"nn\.GRU.*layer 0.*expected \(5,\)"):
+        model(torch.randn(4, 2, 3))
+
+
+def test_feedback_tensor_applies_to_loops_of_its_size_only():
+    model = dsf_compile.apply(TwoLayerLM(), feedback=torch.full((6,), 0.5), compiler="aot_eager")
+    with pytest.raises(dsf_compile.FeedbackError, match=r"nn\.LSTM 'decoder'.*expected \(8,\)"):
+        model(torch.randint(0, 11, (5, 2)))
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.1, float("nan"), torch.tensor([0.2, 1.2])])
+def test_feedback_outside_unit_interval_is_rejected_early(bad):
+    with pytest.raises(dsf_compile.FeedbackError, match=r"\[0, 1\]"):
+        dsf_compile.apply(nn.GRU(3, 2), feedback=bad)
+
+
+def test_callable_feedback_outside_unit_interval_is_rejected_at_compile():
+    model = dsf_compile.apply(nn.GRU(3, 2), feedback=lambda loop: torch.full((loop.state_size,), 2.0),
+                              compiler="aot_eager")
+    with pytest.raises(dsf_compile.FeedbackError, match=r"layer 0.*\[0, 1\]"):
+        model(torch.randn(3, 1, 3))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"mode": "tbptt"}, "mode='tbptt'"),
+    ({"feedback": "ones"}, "feedback='ones'"),
+    ({"feedback": torch.zeros(2, 2)}, "1-D"),
+    ({"compiler": "tvm"}, "compiler='tvm'"),
+])
+def test_bad_options(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        dsf_compile.apply(nn.GRU(3, 2), **kwargs)
+
+
+def test_explain_lists_every_loop():
+    model = TwoLayerLM()
+    report = dsf_compile.explain(model, torch.randint(0, 11, (7, 3)))
+    assert len(report.loops) == 5
+    encoder = [r for r in report.loops if "'encoder'" in r.name]
+    decoder = [r for r in report.loops if "'decoder'" in r.name]
+    assert [r.direction for r in encoder] == ["forward", "reverse", "forward", "reverse"]
+    assert all(r.length == "7" and r.batch == "3" and r.state_size == 6 for r in encoder)
+    assert decoder[0].state_size == 8 and decoder[0].carries == "h[4], c[4]"
+    assert decoder[0].feedback == "linspace(0, 1, 8)"
+    assert all(r.source.endswith("test_errors_and_explain.py:" + r.source.rsplit(":", 1)[1]) for r in report.loops)
+    assert report.left_exact == []
+    text = str(report)
+    assert "5 recurrent loop(s)" in text and "decoder" in text
+    # explain does not change or compile the model
+    assert "forward" not in vars(model)
+
+
+def test_uniform_feedback_is_seeded_and_differs_per_loop():
+    model = TwoLayerLM()
+    x = torch.randint(0, 11, (4, 2))
+    a = dsf_compile.explain(model, x, feedback="uniform", seed=1)
+    b = dsf_compile.explain(model, x, feedback="uniform", seed=1)
+    c = dsf_compile.explain(model, x, feedback="uniform", seed=2)
+    summaries = [r.feedback for r in a.loops]
+    assert summaries == [r.feedback for r in b.loops]
+    assert summaries != [r.feedback for r in c.loops]
+    assert len(set(summaries)) == len(summaries)

@@ -1,0 +1,145 @@
+"""Properties that pin DSF down without the reference, dropout, shapes, and graph structure."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import dsf_compile
+
+from .helpers import assert_close, make_case, rel_err, run_compiled, run_eager
+from .reference import dsf_reference
+
+
+def test_diagonal_relu_rnn_dsf_equals_bptt():
+    """W_hh diagonal, non-negative, every pre-activation positive: the Jacobian is exactly
+    diag(W_hh), so DSF with that diagonal as λ is exact BPTT."""
+    torch.manual_seed(0)
+    T, B, I, H = 6, 3, 4, 5
+    rnn = nn.RNN(I, H, nonlinearity="relu").double()
+    with torch.no_grad():
+        diag = torch.rand(H, dtype=torch.float64) * 0.9
+        rnn.weight_hh_l0.copy_(torch.diag(diag))
+        rnn.weight_ih_l0.uniform_(0.1, 1.0)
+        rnn.bias_ih_l0.uniform_(0.1, 1.0)
+        rnn.bias_hh_l0.uniform_(0.0, 0.5)
+    x = torch.rand(T, B, I, dtype=torch.float64) + 0.1
+    h0 = torch.rand(1, B, H, dtype=torch.float64)
+    w = torch.randn(T, B, H, dtype=torch.float64)
+    loss_fn = lambda out, h_n: (out * w).sum() + h_n.pow(2).sum()
+    _, outputs, grads = run_compiled(rnn, x, h0, loss_fn, "dsf", feedback=diag)
+    want_outputs, want = run_eager(rnn, x, h0, loss_fn)
+    assert rel_err(outputs[0], want_outputs[0]) <= 1e-12
+    assert_close(grads, want, 1e-9)
+    # and that equality is a property of this model, not of the comparison
+    _, _, ft_grads = run_compiled(rnn, x, h0, loss_fn, "ft")
+    assert rel_err(ft_grads["weight_hh_l0"], want["weight_hh_l0"]) > 1e-3
+
+
+def test_ft_equals_detached_previous_state():
+    """λ = 0 is the same model with s_{t-1}.detach() fed to every step."""
+    torch.manual_seed(1)
+    cell = nn.GRUCell(3, 4).double()
+    rnn = nn.GRU(3, 4).double()
+    rnn.load_state_dict({k + "_l0": v for k, v in cell.state_dict().items()})
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    w = torch.randn(5, 2, 4, dtype=torch.float64)
+    loss_fn = lambda out, h_n: (out * w).sum()
+    _, _, grads = run_compiled(rnn, x, None, loss_fn, "ft")
+    h = torch.zeros(2, 4, dtype=torch.float64)
+    outs = []
+    for t in range(5):
+        h = cell(x[t], h.detach())
+        outs.append(h)
+    loss_fn(torch.stack(outs), None).backward()
+    assert_close({"weight_hh_l0": grads["weight_hh_l0"], "weight_ih_l0": grads["weight_ih_l0"]},
+                 {"weight_hh_l0": cell.weight_hh.grad, "weight_ih_l0": cell.weight_ih.grad}, 1e-10)
+
+
+def test_dsf_is_not_bptt_on_a_gru():
+    """The rewrite really changes gradients where the Jacobian is not diagonal."""
+    module, x, h0, loss_fn = make_case("gru", 2, False, False, True, True, torch.float64, seed=3)
+    _, _, dsf = run_compiled(module, x, h0, loss_fn, "dsf")
+    _, exact = run_eager(module, x, h0, loss_fn)
+    assert rel_err(dsf["weight_hh_l0"], exact["weight_hh_l0"]) > 1e-4
+
+
+def test_inter_layer_dropout_is_applied():
+    """torch's decomposition drops it; we must not. dropout=1 zeroes layer 2's input."""
+    for mode in ("dsf", "bptt"):
+        module, x, h0, loss_fn = make_case("gru", 2, True, False, True, True, torch.float64, seed=5, dropout=1.0)
+        module.train()
+        _, outputs, grads = run_compiled(module, x, h0, loss_fn, mode)
+        if mode == "bptt":
+            want_outputs, want = run_eager(module, x, h0, loss_fn)
+        else:
+            D, T, B = 2, x.shape[0], x.shape[1]
+            masks = [torch.zeros(T, B, D * module.hidden_size, dtype=torch.float64)]
+            lams = [torch.linspace(0, 1, module.hidden_size, dtype=torch.float64)] * 4
+            want_outputs, want = dsf_reference(module, x, h0, lams, loss_fn, dropout_masks=masks)
+        for got, ref in zip(outputs, want_outputs):
+            assert rel_err(got, ref) <= 1e-12
+        assert_close(grads, want, 1e-9)
+
+
+def test_partial_dropout_changes_training_outputs_only():
+    module = nn.GRU(4, 8, 2, dropout=0.5).double()
+    model = dsf_compile.apply(module, compiler="aot_eager")
+    x = torch.randn(6, 3, 4, dtype=torch.float64)
+    model.eval()
+    ref = nn.GRU(4, 8, 2).double()
+    ref.load_state_dict(module.state_dict())
+    assert rel_err(model(x)[0], ref(x)[0]) <= 1e-12
+    model.train()
+    assert rel_err(model(x)[0], ref(x)[0]) > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_new_sequence_length_and_batch_size(kind):
+    """A second and third call with other T and B recompile (dynamic shapes) and stay right."""
+    module, _, _, _ = make_case(kind, 2, True, False, True, False, torch.float64, seed=9)
+    model = dsf_compile.apply(module, compiler="aot_eager")
+    for T, B in [(5, 2), (8, 3), (1, 4), (3, 1)]:
+        x = torch.randn(T, B, module.input_size, dtype=torch.float64, requires_grad=True)
+        out, _ = model(x)
+        w = torch.randn_like(out)
+        (out * w).sum().backward()
+        lam = torch.linspace(0, 1, module.hidden_size * (2 if kind == "lstm" else 1), dtype=torch.float64)
+        _, want = dsf_reference(module, x.detach(), None, [lam] * 4, lambda o, *_: (o * w).sum())
+        got = {n: p.grad for n, p in model.named_parameters()}
+        got["x"] = x.grad
+        want.pop("h0"), want.pop("c0", None)
+        assert_close(got, want, 1e-9)
+        module.zero_grad()
+
+
+def test_state_dict_keys_and_identity_unchanged():
+    module = nn.LSTM(3, 4, 2)
+    keys = list(module.state_dict())
+    assert dsf_compile.apply(module, compiler="aot_eager") is module
+    module(torch.randn(2, 1, 3))
+    assert list(module.state_dict()) == keys
+    assert [n for n, _ in module.named_parameters()] == keys
+
+
+def test_backward_graph_has_one_scan_per_loop_and_no_per_step_matmuls():
+    """Each rewritten loop adds one reverse-scan node to the backward graph, and the
+    number of matrix products does not grow with T."""
+    def backward_graph(T):
+        torch._dynamo.reset()
+        module = nn.GRU(4, 5, 2, bidirectional=True).double()
+        model = dsf_compile.apply(module, compiler="aot_eager", dynamic=False)
+        out, h = model(torch.randn(T, 3, 4, dtype=torch.float64, requires_grad=True))
+        (out.sum() + h.sum()).backward()
+        graphs = [g for kind, g in model._dsf_backend.graphs if kind == "backward"]
+        assert len(graphs) == 1
+        return graphs[0]
+
+    def count(graph, names):
+        return sum(1 for n in graph.graph.nodes if n.op == "call_function" and any(s in str(n.target) for s in names))
+
+    short, long = backward_graph(3), backward_graph(12)
+    assert count(short, ["dsf.reverse_linear_scan"]) == 4
+    assert count(long, ["dsf.reverse_linear_scan"]) == 4
+    matmuls = ["aten.mm", "aten.addmm", "aten.bmm"]
+    assert count(long, matmuls) == count(short, matmuls) > 0
+    assert count(long, ["dsf.loop_states"]) == 0
