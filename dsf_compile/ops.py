@@ -94,12 +94,12 @@ def loop_states_backward(
             kernel, reverse, inputs[:n_in], inputs[n_in : n_in + n_carry], inputs[n_in + n_carry :]
         )
         found = torch.autograd.grad(states, inputs, grads, allow_unused=True)
-    return [torch.zeros_like(t) if d is None else d for t, d in zip(inputs, found)]
+    return [torch.zeros(t.shape, dtype=t.dtype, device=t.device) if d is None else d.contiguous() for t, d in zip(inputs, found)]
 
 
 @loop_states_backward.register_fake
 def _(kernel, reverse, grads, step_inputs, carries, invariants):
-    return [torch.empty_like(t) for t in (*step_inputs, *carries, *invariants)]
+    return [t.new_empty(t.shape) for t in (*step_inputs, *carries, *invariants)]
 
 
 def _setup_loop_states(ctx, inputs, output):

@@ -1,0 +1,6 @@
+"""Reference language models, written as ordinary PyTorch: the training method is chosen
+only by :func:`dsf_compile.apply`."""
+
+from .lm import RNNLanguageModel
+
+__all__ = ["RNNLanguageModel"]
