@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Union
 
 import torch
 from torch import Tensor
 
 from .loop_ir import LoopIR
 
-Feedback = Union[str, float, Tensor, Callable[[LoopIR], Union[Tensor, float, Sequence[float]]]]
+Feedback = str | float | Tensor | Callable[[LoopIR], Tensor | float | Sequence[float]]
+
+
+_CHOICES = "'linspace', 'uniform', a float, a 1-D tensor or a callable"
 
 
 class FeedbackError(ValueError):
@@ -21,17 +23,19 @@ def check_feedback_option(feedback: Feedback) -> None:
     """Reject an unusable ``feedback`` argument before anything is compiled."""
     if isinstance(feedback, str):
         if feedback not in ("linspace", "uniform"):
-            raise ValueError(f"feedback={feedback!r}: expected 'linspace', 'uniform', a float, a 1-D tensor or a callable")
+            raise ValueError(f"feedback={feedback!r}: expected {_CHOICES}")
     elif isinstance(feedback, bool):
-        raise TypeError("feedback must be 'linspace', 'uniform', a float, a 1-D tensor or a callable, not a bool")
+        raise TypeError(f"feedback must be {_CHOICES}, not a bool")
     elif isinstance(feedback, (int, float)):
         _check_range(torch.tensor([float(feedback)]), "feedback")
     elif isinstance(feedback, Tensor):
         if feedback.dim() != 1:
-            raise FeedbackError(f"feedback tensor must be 1-D (one λ per state unit), got shape {tuple(feedback.shape)}")
+            raise FeedbackError(
+                f"feedback tensor must be 1-D (one λ per state unit), got shape {tuple(feedback.shape)}"
+            )
         _check_range(feedback, "feedback tensor")
     elif not callable(feedback):
-        raise TypeError(f"feedback must be 'linspace', 'uniform', a float, a 1-D tensor or a callable, not {type(feedback).__name__}")
+        raise TypeError(f"feedback must be {_CHOICES}, not {type(feedback).__name__}")
 
 
 def _check_range(lam: Tensor, what: str) -> None:

@@ -94,7 +94,7 @@ def loop_states_backward(
             kernel, reverse, inputs[:n_in], inputs[n_in : n_in + n_carry], inputs[n_in + n_carry :]
         )
         found = torch.autograd.grad(states, inputs, grads, allow_unused=True)
-    return [torch.zeros(t.shape, dtype=t.dtype, device=t.device) if d is None else d.contiguous() for t, d in zip(inputs, found)]
+    return [t.new_zeros(t.shape) if d is None else d.contiguous() for t, d in zip(inputs, found)]
 
 
 @loop_states_backward.register_fake

@@ -21,8 +21,9 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import dsf_compile  # noqa: E402
 from data import DEFAULT_ROOT, load_ptb, sentence_batches  # noqa: E402
+
+import dsf_compile  # noqa: E402
 from dsf_compile.models.lm import RNNLanguageModel, masked_cross_entropy  # noqa: E402
 
 

@@ -25,12 +25,12 @@ def make_case(kind, layers, bidirectional, batch_first, bias, with_h0, dtype, se
     """A module, an input and an initial state of random sizes, and a random linear loss."""
     g = torch.Generator().manual_seed(seed)
     size = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))
-    T, B, I, H = size(1, 7), size(1, 4), size(1, 6), size(1, 6)
+    T, B, n_in, H = size(1, 7), size(1, 4), size(1, 6), size(1, 6)
     torch.manual_seed(seed)
-    module = MODULES[kind](I, H, layers, bias=bias, batch_first=batch_first, bidirectional=bidirectional,
+    module = MODULES[kind](n_in, H, layers, bias=bias, batch_first=batch_first, bidirectional=bidirectional,
                            dropout=dropout).to(dtype)
     D = 2 if bidirectional else 1
-    x = torch.randn((B, T, I) if batch_first else (T, B, I), dtype=dtype, generator=g)
+    x = torch.randn((B, T, n_in) if batch_first else (T, B, n_in), dtype=dtype, generator=g)
     h0 = None
     if with_h0:
         h0 = torch.randn(layers * D, B, H, dtype=dtype, generator=g)

@@ -14,15 +14,15 @@ def test_diagonal_relu_rnn_dsf_equals_bptt():
     """W_hh diagonal, non-negative, every pre-activation positive: the Jacobian is exactly
     diag(W_hh), so DSF with that diagonal as λ is exact BPTT."""
     torch.manual_seed(0)
-    T, B, I, H = 6, 3, 4, 5
-    rnn = nn.RNN(I, H, nonlinearity="relu").double()
+    T, B, n_in, H = 6, 3, 4, 5
+    rnn = nn.RNN(n_in, H, nonlinearity="relu").double()
     with torch.no_grad():
         diag = torch.rand(H, dtype=torch.float64) * 0.9
         rnn.weight_hh_l0.copy_(torch.diag(diag))
         rnn.weight_ih_l0.uniform_(0.1, 1.0)
         rnn.bias_ih_l0.uniform_(0.1, 1.0)
         rnn.bias_hh_l0.uniform_(0.0, 0.5)
-    x = torch.rand(T, B, I, dtype=torch.float64) + 0.1
+    x = torch.rand(T, B, n_in, dtype=torch.float64) + 0.1
     h0 = torch.rand(1, B, H, dtype=torch.float64)
     w = torch.randn(T, B, H, dtype=torch.float64)
     loss_fn = lambda out, h_n: (out * w).sum() + h_n.pow(2).sum()
@@ -104,7 +104,7 @@ def test_new_sequence_length_and_batch_size(kind):
         w = torch.randn_like(out)
         (out * w).sum().backward()
         lam = torch.linspace(0, 1, module.hidden_size * (2 if kind == "lstm" else 1), dtype=torch.float64)
-        _, want = dsf_reference(module, x.detach(), None, [lam] * 4, lambda o, *_: (o * w).sum())
+        _, want = dsf_reference(module, x.detach(), None, [lam] * 4, lambda o, *_, w=w: (o * w).sum())
         got = {n: p.grad for n, p in model.named_parameters()}
         got["x"] = x.grad
         want.pop("h0"), want.pop("c0", None)
