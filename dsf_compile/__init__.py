@@ -75,6 +75,24 @@ def _compile_forward(model: nn.Module, dsf_backend: DSFBackend, dynamic: bool | 
     return torch.compile(forward, backend=dsf_backend, dynamic=dynamic)
 
 
+class _GraphBreaks:
+    """Collects the reasons of the graph breaks Dynamo takes while the block runs."""
+
+    def __enter__(self) -> list[str]:
+        from torch._dynamo.utils import counters
+
+        self._counter = counters["graph_break"]
+        self._before = dict(self._counter)
+        self.reasons: list[str] = []
+        return self.reasons
+
+    def __exit__(self, *exc) -> None:
+        for reason, count in self._counter.items():
+            if count > self._before.get(reason, 0):
+                summary = " ".join(line.strip() for line in reason.splitlines()[:2] if line.strip())
+                self.reasons.append(summary)
+
+
 def _unwrap_backend_error(error: Exception) -> Exception:
     inner = getattr(error, "inner_exception", None)
     return inner if isinstance(inner, (DSFError, FeedbackError)) else error
@@ -90,8 +108,9 @@ class _CompiledForward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
-            with recurrent_ops_visible():
+            with recurrent_ops_visible(), _GraphBreaks() as breaks:
                 out = self.compiled(*args, **kwargs)
+            self.backend.graph_breaks.extend(b for b in breaks if b not in self.backend.graph_breaks)
         except Exception as error:
             unwrapped = _unwrap_backend_error(error)
             if unwrapped is error:
@@ -108,7 +127,7 @@ class _CompiledForward:
             return
         message = (
             "dsf_compile found no recurrent loop in this model, so it trains with ordinary exact "
-            "gradients. " + (str(report) if report.left_exact else "")
+            "gradients.\n" + (str(report) if report.left_exact or report.graph_breaks else "")
         )
         if self.backend.strict:
             raise UnsupportedLoopError(message + " (strict=True)")
@@ -163,11 +182,12 @@ def explain(
     probe = backend(mode, feedback, seed=seed, compiler="none")
     compiled = _compile_forward(model, probe, dynamic=False)
     try:
-        with recurrent_ops_visible(), torch.no_grad():
+        with recurrent_ops_visible(), torch.no_grad(), _GraphBreaks() as breaks:
             compiled(*example_args, **example_kwargs)
     except Exception as error:
         unwrapped = _unwrap_backend_error(error)
         if unwrapped is error:
             raise
         raise unwrapped from None
+    probe.graph_breaks.extend(breaks)
     return probe.report

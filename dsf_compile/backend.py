@@ -57,10 +57,11 @@ class DSFBackend:
         self._loops: dict[tuple[str, str], LoopReport] = {}
         self._left: dict[tuple[str, str, str], LeftExact] = {}
         self.graphs: list[tuple[str, torch.fx.GraphModule]] = []
+        self.graph_breaks: list[str] = []
 
     @property
     def report(self) -> Report:
-        return Report(list(self._loops.values()), list(self._left.values()))
+        return Report(list(self._loops.values()), list(self._left.values()), list(self.graph_breaks))
 
     def lam_for(self, loop: LoopIR) -> torch.Tensor | None:
         """λ of ``loop`` under this backend's mode (None: exact)."""

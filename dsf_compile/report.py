@@ -31,6 +31,7 @@ class Report:
 
     loops: list[LoopReport] = field(default_factory=list)
     left_exact: list[LeftExact] = field(default_factory=list)
+    graph_breaks: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         parts = []
@@ -46,4 +47,9 @@ class Report:
         if self.left_exact:
             rows = [[e.what, e.source, e.reason] for e in self.left_exact]
             parts.append("left exact:\n" + tabulate(rows, headers=["what", "source", "why"]))
+        if self.graph_breaks:
+            reasons = "\n".join(f"  - {reason}" for reason in self.graph_breaks)
+            parts.append(
+                "graph breaks (code outside the compiled graphs runs eagerly, with exact gradients):\n" + reasons
+            )
         return "\n\n".join(parts)

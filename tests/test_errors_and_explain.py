@@ -129,3 +129,36 @@ def test_uniform_feedback_is_seeded_and_differs_per_loop():
     assert summaries == [r.feedback for r in b.loops]
     assert summaries != [r.feedback for r in c.loops]
     assert len(set(summaries)) == len(summaries)
+
+
+class PackedGRU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(3, 4)
+
+    def forward(self, x, lengths):
+        _, h = self.rnn(nn.utils.rnn.pack_padded_sequence(x, lengths))
+        return h
+
+
+def test_packed_sequence_is_reported_and_trains_exactly():
+    torch.manual_seed(0)
+    x, lengths = torch.randn(5, 2, 3, dtype=torch.float64), torch.tensor([5, 3])
+    report = dsf_compile.explain(PackedGRU().double(), x, lengths)
+    assert report.loops == []
+    assert any("pack_padded_sequence" in reason for reason in report.graph_breaks)
+    assert "graph breaks" in str(report)
+    model, ref = PackedGRU().double(), PackedGRU().double()
+    ref.load_state_dict(model.state_dict())
+    dsf_compile.apply(model, compiler="aot_eager")
+    with pytest.warns(UserWarning, match="pack_padded_sequence"):
+        model(x, lengths).sum().backward()
+    ref(x, lengths).sum().backward()
+    assert torch.allclose(model.rnn.weight_hh_l0.grad, ref.rnn.weight_hh_l0.grad)
+
+
+def test_left_exact_multi_layer_op_warns_that_torch_drops_its_dropout():
+    lstm = nn.LSTM(3, 5, 2, proj_size=2, dropout=0.3)
+    report = dsf_compile.explain(lstm.train(), torch.randn(4, 2, 3))
+    (item,) = report.left_exact
+    assert "proj_size" in item.reason and "drops its inter-layer dropout" in item.reason

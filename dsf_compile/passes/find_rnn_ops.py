@@ -107,6 +107,15 @@ def _site_or_reason(node: torch.fx.Node, kind: str) -> RecurrentOpSite | str:
     )
 
 
+def _drops_dropout(node: torch.fx.Node) -> bool:
+    """A multi-layer op with dropout, in training (padded or packed call form)."""
+    if len(node.args) != 9:
+        return False
+    padded = isinstance(node.args[2], (list, tuple))
+    num_layers, dropout, train = node.args[4:7] if padded else node.args[5:8]
+    return isinstance(num_layers, int) and num_layers > 1 and bool(train) and float(dropout) > 0
+
+
 def find_recurrent_ops(gm: torch.fx.GraphModule) -> tuple[list[RecurrentOpSite], list[LeftExact]]:
     """Every nn.RNN/GRU/LSTM op call in ``gm``: the ones we can rewrite, and the rest."""
     sites: list[RecurrentOpSite] = []
@@ -117,6 +126,11 @@ def find_recurrent_ops(gm: torch.fx.GraphModule) -> tuple[list[RecurrentOpSite],
             continue
         found = _site_or_reason(node, kind)
         if isinstance(found, str):
+            if _drops_dropout(node):
+                found += (
+                    "; beware: torch's decomposition of this op silently drops its inter-layer dropout "
+                    "under torch.compile"
+                )
             left.append(LeftExact(_describe(node, kind), user_source(node), found))
         else:
             sites.append(found)
