@@ -13,7 +13,9 @@ from torch._functorch.aot_autograd import make_boxed_func
 
 from .feedback import Feedback, check_feedback_option, resolve_feedback, summarize
 from .loop_ir import LeftExact, LoopIR
+from .passes.find_python_loops import find_python_loops
 from .passes.find_rnn_ops import find_recurrent_ops
+from .passes.rewrite_python_loops import rewrite_python_loop
 from .passes.rewrite_rnn_ops import rewrite_recurrent_op
 from .report import LoopReport, Report
 from .runtime import MODES
@@ -76,32 +78,44 @@ class DSFBackend:
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> Callable:
         sites, left_exact = find_recurrent_ops(gm)
-        for item in left_exact:
+        self._left_exact(left_exact)
+        for site in sites:
+            lams = [self.lam_for(loop) for loop in site.loops]
+            if self.compiler != "none":
+                rewrite_recurrent_op(gm, site, self.mode, lams)
+            for loop, lam in zip(site.loops, lams):
+                self._note(loop, lam)
+        python_loops, left_exact = find_python_loops(gm)
+        self._left_exact(left_exact)
+        for found in python_loops:
+            lam = self.lam_for(found.loop)
+            if self.compiler != "none":
+                rewrite_python_loop(gm, found, self.mode, lam)
+            self._note(found.loop, lam)
+        return self._compile(gm, example_inputs)
+
+    def _left_exact(self, items) -> None:
+        for item in items:
             if self.strict:
                 raise UnsupportedLoopError(
                     f"{item.what} at {item.source} cannot be rewritten: {item.reason} "
                     "(strict=True; pass strict=False to train it with exact gradients)"
                 )
             self._left[(item.what, item.source, item.reason)] = item
-        rewrite = {"dsf": "dsf", "ft": "ft (λ = 0)", "bptt": "exact (bptt)"}[self.mode]
-        for site in sites:
-            lams = [self.lam_for(loop) for loop in site.loops]
-            if self.compiler != "none":
-                rewrite_recurrent_op(gm, site, self.mode, lams)
-            for loop, lam in zip(site.loops, lams):
-                self._loops[(loop.name, loop.source)] = LoopReport(
-                    name=loop.name,
-                    origin=loop.origin,
-                    source=loop.source,
-                    length=str(loop.length),
-                    batch=str(loop.batch),
-                    state_size=loop.state_size,
-                    direction=loop.direction,
-                    carries=", ".join(f"{n}[{s}]" for n, s in zip(loop.carry_names, loop.carry_sizes)),
-                    feedback=summarize(lam) if self.mode != "bptt" else "-",
-                    rewrite=rewrite,
-                )
-        return self._compile(gm, example_inputs)
+
+    def _note(self, loop: LoopIR, lam: torch.Tensor | None) -> None:
+        self._loops[(loop.name, loop.source)] = LoopReport(
+            name=loop.name,
+            origin=loop.origin,
+            source=loop.source,
+            length=str(loop.length),
+            batch=str(loop.batch),
+            state_size=loop.state_size,
+            direction=loop.direction,
+            carries=", ".join(f"{n}[{s}]" for n, s in zip(loop.carry_names, loop.carry_sizes)),
+            feedback=summarize(lam) if self.mode != "bptt" else "-",
+            rewrite={"dsf": "dsf", "ft": "ft (λ = 0)", "bptt": "exact (bptt)"}[self.mode],
+        )
 
     def _record(self, kind: str, gm: torch.fx.GraphModule) -> None:
         self.graphs.append((kind, gm))

@@ -2,9 +2,8 @@
 
 A step function is what a loop's ``body`` is traced from: one time step on ``(B, ...)``
 rows, written with ordinary torch ops so that ``vmap`` over time turns every weight use
-into one GEMM over all T·B rows.  A kernel computes every state of a loop at once with
-the fastest eager implementation available (cuDNN on CUDA), and is only ever asked for
-values: gradients come from the rewrite, or, in exact mode, from autograd through it.
+into one GEMM over all T·B rows.  :func:`run_cell_layer` computes every state of a layer at once with
+the fastest eager implementation available (cuDNN on CUDA).
 """
 
 from __future__ import annotations
@@ -73,7 +72,7 @@ def trace_step(kind: str, has_biases: bool) -> torch.fx.GraphModule:
     return torch.fx.symbolic_trace(body)
 
 
-def _single_layer(kind: str, x: Tensor, carries: list[Tensor], weights: list[Tensor]) -> list[Tensor]:
+def run_cell_layer(kind: str, x: Tensor, carries: list[Tensor], weights: list[Tensor]) -> list[Tensor]:
     """All states of one forward-in-time layer, through torch's fused RNN ops."""
     has_biases = len(weights) == 4
     if kind == "lstm":
@@ -97,12 +96,27 @@ def _single_layer(kind: str, x: Tensor, carries: list[Tensor], weights: list[Ten
     return [op(x, carries[0][None], weights, has_biases, 1, 0.0, False, False, False)[0]]
 
 
-def run_kernel(
-    kind: str, reverse: bool, step_inputs: list[Tensor], carries: list[Tensor], invariants: list[Tensor]
-) -> list[Tensor]:
-    """Every state ``(T, B, size)`` of a ``kind`` loop; ``reverse`` runs from t = T to 1."""
-    (x,) = step_inputs
-    if not reverse:
-        return _single_layer(kind, x, carries, invariants)
-    states = _single_layer(kind, x.flip(0), carries, invariants)
-    return [s.flip(0) for s in states]
+def _rnn_tanh_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None):
+    return rnn_tanh_step(x, h, w_ih, w_hh, b_ih, b_hh)[0]
+
+
+def _rnn_relu_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None):
+    return rnn_relu_step(x, h, w_ih, w_hh, b_ih, b_hh)[0]
+
+
+def _gru_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None):
+    return gru_step(x, h, w_ih, w_hh, b_ih, b_hh)[0]
+
+
+def _lstm_cell(x, hx, w_ih, w_hh, b_ih=None, b_hh=None):
+    return lstm_step(x, hx[0], hx[1], w_ih, w_hh, b_ih, b_hh)
+
+
+# torch's fused cell ops have no vmap batching rule; inside a re-rolled step body they
+# are replaced by the same maths in plain ops.
+DECOMPOSED_CELL_OPS: dict[Callable, Callable] = {
+    torch.rnn_tanh_cell: _rnn_tanh_cell,
+    torch.rnn_relu_cell: _rnn_relu_cell,
+    torch.gru_cell: _gru_cell,
+    torch.lstm_cell: _lstm_cell,
+}

@@ -17,7 +17,7 @@ import contextlib
 import torch
 from torch import Tensor
 
-from .cells import run_kernel
+from .kernels import run_kernel
 
 
 @torch.library.custom_op("dsf::reverse_linear_scan", mutates_args=())

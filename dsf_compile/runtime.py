@@ -50,12 +50,11 @@ class StateFeedback(torch.autograd.Function):
         return (None, None, None, *([None] * ctx.n), *deltas, *inits)
 
 
-def _previous_states(states: Tensor, init: Tensor, reverse: bool) -> Tensor:
+def previous_states(states: Tensor, init: Tensor, reverse: bool) -> Tensor:
     """The state each step consumed: ``s_{t-1}`` (``s_{t+1}`` for a reverse-time loop)."""
-    init = init.detach()[None]
     if reverse:
-        return torch.cat([states[1:], init])
-    return torch.cat([init, states[:-1]])
+        return torch.cat([states[1:], init[None]])
+    return torch.cat([init[None], states[:-1]])
 
 
 def batched_body(loop: LoopIR, step_inputs: list[Tensor], previous: list[Tensor], invariants: list[Tensor]):
@@ -78,7 +77,7 @@ def run_loop(
         return ops.loop_states(kernel, loop.reverse, step_inputs, init_carries, invariants)
     detached = [[t.detach() for t in group] for group in (step_inputs, init_carries, invariants)]
     states = ops.loop_states(kernel, loop.reverse, *detached)
-    previous = [_previous_states(s, c, loop.reverse) for s, c in zip(states, init_carries)]
+    previous = [previous_states(s, c.detach(), loop.reverse) for s, c in zip(states, init_carries)]
     recomputed = batched_body(loop, step_inputs, previous, invariants)
     n = len(states)
     return list(StateFeedback.apply(lam, not loop.reverse, n, *states, *recomputed, *init_carries))

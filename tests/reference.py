@@ -138,3 +138,46 @@ def dsf_reference(module: nn.RNNBase, x, h0, lams, loss_fn, dropout_masks=None):
         grads["h0"] = g_init
     outputs = (user_out.detach(), final[..., :H].detach(), *(e.detach() for e in extra))
     return outputs, grads
+
+
+def dsf_reference_loop(step, xs, init, lam, loss_of_states, params):
+    """DSF gradients of ``loss_of_states(states)`` for a loop ``s_t = step(x_t, s_{t-1})``.
+
+    ``xs``: per-step inputs in iteration order (each a tuple of tensors); ``init``: the
+    initial carries (tuple); ``states[t]`` is the tuple of carries after step t; λ is over
+    the carries concatenated in order.  Returns grads for ``params``, each x, and init.
+    """
+    states, prev = [], []
+    s = tuple(c.detach() for c in init)
+    with torch.no_grad():
+        for x in xs:
+            prev.append(s)
+            s = tuple(step(*x, *s))
+            states.append(s)
+    leaves = [tuple(c.clone().requires_grad_() for c in st) for st in states]
+    loss = loss_of_states(leaves)
+    flat = [c for st in leaves for c in st]
+    found = torch.autograd.grad(loss, flat + list(params), allow_unused=True)
+    g = [torch.zeros_like(c) if d is None else d for c, d in zip(flat, found)]
+    # parameters the loss uses directly (a head after the loop)
+    grads = [torch.zeros_like(p) if d is None else d.clone() for p, d in zip(params, found[len(flat) :])]
+    n = len(init)
+    sizes = [c.shape[-1] for c in init]
+    direct = [torch.cat(g[t * n : (t + 1) * n], -1) for t in range(len(xs))]
+    delta = [None] * len(xs)
+    nxt = None
+    for t in reversed(range(len(xs))):
+        delta[t] = direct[t] if nxt is None else direct[t] + lam * nxt
+        nxt = delta[t]
+    x_grads = []
+    for t, x in enumerate(xs):
+        x_leaf = tuple(v.clone().requires_grad_() for v in x)
+        with torch.enable_grad():
+            new = torch.cat(step(*x_leaf, *prev[t]), -1)
+            found = torch.autograd.grad(new, [*x_leaf, *params], delta[t], allow_unused=True)
+        x_grads.append(found[: len(x)])
+        for i, d in enumerate(found[len(x) :]):
+            if d is not None:
+                grads[i] += d
+    init_grad = (lam * delta[0]).split(sizes, -1)
+    return states, grads, x_grads, init_grad

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch.fx
 
 
@@ -25,8 +27,5 @@ def module_path(node: torch.fx.Node) -> str:
     if not stack:
         return ""
     path, _ = list(stack.values())[-1]
-    for prefix in ("L['self'].", "L['self']", "L['fn']."):
-        if path.startswith(prefix):
-            path = path[len(prefix) :]
-            break
-    return path
+    # Dynamo names modules from the frame's locals: "L['self'].encoder.rnn"
+    return re.sub(r"^L\['[^']*'\]\.?", "", path)

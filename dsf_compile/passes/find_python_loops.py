@@ -1,0 +1,455 @@
+"""Front end: re-roll Python loops that Dynamo unrolled into T copies of a step.
+
+A Python ``for`` loop over time reaches the graph as T consecutive copies of the step's
+nodes.  The search is anchored on **per-step inputs**: families of slices of one tensor
+indexed by the step (``x[:, t]``, ``x[t]``, ``x.unbind(d)[t]``, ``x.split(1, d)[t]``,
+``x.select(d, t)``).  The first uses of a family's members, in program order, must be
+evenly spaced: that spacing is the step's size, and it proposes a segmentation of the
+graph into T segments (tried at every phase).
+
+A proposal is accepted only after a structural check of every step against the first
+(same ops, same constants, each argument either internal to the step, a value of the
+previous step — a carry —, a member of a step-input family at the matching index, or
+the same outside value — a loop invariant).  Among valid phases the one with the
+fewest carries wins, then the one whose carries are the values the program uses after
+the loop.  Anything else is left exact with the reason the check gave.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+from torch.utils._pytree import tree_flatten
+
+from ..cells import DECOMPOSED_CELL_OPS
+from ..loop_ir import LeftExact, LoopIR
+from .provenance import module_path, user_source
+
+_SEQUENCE_SPLITS = {"unbind", "split", "chunk"}
+
+
+def _name(node: torch.fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+
+
+def _is_call(node: torch.fx.Node) -> bool:
+    return node.op in ("call_function", "call_method")
+
+
+@dataclass
+class StepInputFamily:
+    """Slices of ``source`` taken one per step; ``members`` maps index → slice node."""
+
+    key: tuple
+    source: torch.fx.Node
+    kind: str  # "index" (getitem with one int), "sequence" (unbind/split/chunk), "select"
+    dim: int
+    members: dict[int, torch.fx.Node] = field(default_factory=dict)
+
+
+def _slice_of(node: torch.fx.Node) -> tuple[tuple, torch.fx.Node, str, int, int] | None:
+    """(family key, source, kind, dim, index) if ``node`` takes one step of a tensor."""
+    if node.op == "call_function" and node.target is operator.getitem:
+        src, idx = node.args
+        if not isinstance(src, torch.fx.Node):
+            return None
+        if _is_call(src) and _name(src) in _SEQUENCE_SPLITS and isinstance(idx, int):
+            dim = src.kwargs.get("dim", src.args[2] if len(src.args) > 2 else 0)
+            if _name(src) == "unbind":
+                dim = src.kwargs.get("dim", src.args[1] if len(src.args) > 1 else 0)
+            return ("sequence", src), src, "sequence", dim, idx
+        example = src.meta.get("example_value")
+        if not isinstance(example, torch.Tensor):
+            return None
+        if isinstance(idx, int):
+            return ("index", src, "[t]"), src, "index", 0, idx
+        if isinstance(idx, tuple):
+            ints = [i for i, e in enumerate(idx) if isinstance(e, int)]
+            plain = all(isinstance(e, int) or (isinstance(e, slice) and e == slice(None)) for e in idx)
+            if len(ints) == 1 and plain:
+                pattern = repr(tuple("t" if i == ints[0] else e for i, e in enumerate(idx)))
+                return ("index", src, pattern), src, "index", ints[0], idx[ints[0]]
+    if _is_call(node) and _name(node) == "select" and len(node.args) == 3:
+        src, dim, idx = node.args
+        if isinstance(src, torch.fx.Node) and isinstance(dim, int) and isinstance(idx, int):
+            return ("select", src, dim), src, "select", dim, idx
+    return None
+
+
+def step_input_families(graph: torch.fx.Graph) -> dict[torch.fx.Node, StepInputFamily]:
+    """Every family with at least two members, keyed by member node."""
+    families: dict[tuple, StepInputFamily] = {}
+    for node in graph.nodes:
+        found = _slice_of(node)
+        if found is None:
+            continue
+        key, src, kind, dim, index = found
+        family = families.setdefault(key, StepInputFamily(key, src, kind, dim))
+        family.members.setdefault(index, node)
+    return {m: f for f in families.values() if len(f.members) > 1 for m in f.members.values()}
+
+
+@dataclass
+class PythonLoop:
+    """A verified re-rollable loop: the LoopIR plus how it is wired into the graph."""
+
+    loop: LoopIR
+    segments: list[list[torch.fx.Node]]
+    pieces: list[torch.fx.Node]  # getitems of in-step splits, part of their step
+    step_inputs: list[tuple[StepInputFamily, list[int]]]  # family, index used at each step
+    init: list[torch.fx.Node]  # initial value of each carry
+    invariants: list[torch.fx.Node]
+    carry_positions: list[int]  # position in a segment of each carry's new value
+    epilogue: torch.fx.GraphModule | None  # per-step outputs that are not carries
+    epilogue_positions: list[int]
+
+
+class NotALoop(Exception):
+    """Why a proposed segmentation is not a loop we can re-roll."""
+
+
+@dataclass
+class _Check:
+    carry_slots: dict[tuple[int, int], int] = field(default_factory=dict)
+    init: dict[int, torch.fx.Node] = field(default_factory=dict)
+    step_slots: dict[tuple[int, int], tuple[StepInputFamily, int]] = field(default_factory=dict)
+
+
+def _flat_args(node: torch.fx.Node):
+    return tree_flatten((node.args, node.kwargs))
+
+
+def _check_segments(segments, families) -> _Check:
+    """Structural isomorphism of every step with the first (see module docstring)."""
+    where = {node: (t, k) for t, seg in enumerate(segments) for k, node in enumerate(seg)}
+    check = _Check()
+    first = segments[0]
+    for t in range(1, len(segments)):
+        for k, (a, b) in enumerate(zip(first, segments[t])):
+            if a.op != b.op or a.target != b.target:
+                raise NotALoop(f"step {t} differs from step 0 at its op {k}: {_name(a)} vs {_name(b)}")
+            leaves_a, spec_a = _flat_args(a)
+            leaves_b, spec_b = _flat_args(b)
+            if spec_a != spec_b:
+                raise NotALoop(f"step {t} differs from step 0: {_name(a)} called with other arguments")
+            for i, (la, lb) in enumerate(zip(leaves_a, leaves_b)):
+                _check_leaf(t, k, i, la, lb, where, families, check)
+    for t, seg in enumerate(segments):
+        for node in seg:
+            for user in node.users:
+                if user in where and where[user][0] not in (t, t + 1):
+                    raise NotALoop(f"step {where[user][0]} reads a value of step {t}: not a first-order recurrence")
+    return check
+
+
+def _check_leaf(t, k, i, la, lb, where, families, check: _Check) -> None:
+    if not isinstance(lb, torch.fx.Node) or not isinstance(la, torch.fx.Node):
+        if isinstance(la, torch.fx.Node) or isinstance(lb, torch.fx.Node) or not _same_constant(la, lb):
+            raise NotALoop(f"step {t} differs from step 0: a constant argument changes ({la!r} vs {lb!r})")
+        return
+    if lb in where:
+        tb, kb = where[lb]
+        if tb == t:
+            if where.get(la) != (0, kb):
+                raise NotALoop(f"step {t} is wired differently from step 0")
+            return
+        if tb == t - 1:
+            if la in where:
+                raise NotALoop("the first step reads a value of its own step where later steps read a carry")
+            if check.carry_slots.setdefault((k, i), kb) != kb:
+                raise NotALoop(f"step {t} reads another carried value than step 1")
+            if check.init.setdefault(kb, la) is not la:
+                raise NotALoop("two uses of one carry start from different values")
+            return
+        raise NotALoop(f"step {t} reads a value of step {tb}")
+    fa, fb = families.get(la), families.get(lb)
+    if fa is not None and fb is not None and fa.source in where and fb.source in where:
+        # a slice of a value computed inside the step (``a, b = gates.chunk(2)``)
+        if where[fa.source] != (0, where[fb.source][1]) or where[fb.source][0] != t:
+            raise NotALoop(f"step {t} is wired differently from step 0")
+        if _index_of(fa, la) != _index_of(fb, lb):
+            raise NotALoop(f"step {t} takes another piece of a split value than step 0")
+        return
+    if la is lb:
+        if (k, i) in check.carry_slots:
+            raise NotALoop(f"step {t} reads an outside value where step 1 reads a carry")
+        return
+    family = families.get(lb)
+    if family is not None and families.get(la) is family:
+        index_a = _index_of(family, la)
+        index_b = _index_of(family, lb)
+        if t == 1:
+            check.step_slots[(k, i)] = (family, index_b - index_a)
+        stride = check.step_slots[(k, i)][1]
+        if stride not in (1, -1) or index_b != index_a + t * stride:
+            raise NotALoop(f"step {t} takes step input {family.source.name}[{index_b}]: not consecutive steps")
+        return
+    raise NotALoop(f"step {t} uses {lb.name} where step 0 uses {la.name}")
+
+
+def _same_constant(a, b) -> bool:
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:
+        return False
+
+
+def _index_of(family: StepInputFamily, node: torch.fx.Node) -> int:
+    for index, member in family.members.items():
+        if member is node:
+            return index
+    raise KeyError(node)
+
+
+def _propose(calls: list[torch.fx.Node], family: StepInputFamily) -> tuple[int, int, list[int]]:
+    """(first anchor position, step size, member indices in step order) from a family."""
+    position = {node: p for p, node in enumerate(calls)}
+    anchors = []
+    for index, member in family.members.items():
+        uses = [position[u] for u in member.users if u in position]
+        if uses:
+            anchors.append((min(uses), index))
+    anchors.sort()
+    if len(anchors) < 2:
+        raise NotALoop("fewer than two steps use the input")
+    gaps = {b[0] - a[0] for a, b in zip(anchors, anchors[1:])}
+    if len(gaps) != 1:
+        raise NotALoop(f"steps are not the same computation (their sizes differ: {sorted(gaps)} ops)")
+    return anchors[0][0], gaps.pop(), [index for _, index in anchors]
+
+
+def _carry_shape_problem(node: torch.fx.Node) -> str | None:
+    value = node.meta.get("example_value")
+    if not isinstance(value, torch.Tensor):
+        return f"carried value {node.name} is not a tensor"
+    if value.dim() != 2 or not value.dtype.is_floating_point:
+        return (
+            f"carried value {node.name} has shape {tuple(value.shape)} and dtype {value.dtype}: only floating "
+            "(batch, features) states are supported"
+        )
+    return None
+
+
+def _score(segments, check: _Check) -> tuple[int, int]:
+    """Fewer carries first; then prefer carries that the program uses after the loop."""
+    carries = sorted(set(check.carry_slots.values()))
+    inside = {node for seg in segments for node in seg}
+    used_after = sum(1 for j in carries if any(u not in inside and u.target is not operator.getitem
+                                               for u in segments[-1][j].users))
+    return len(carries), -used_after
+
+
+def _segmentations(calls, family):
+    start, size, order = _propose(calls, family)
+    steps = len(order)
+    for phase in range(size):
+        begin = start - phase
+        if begin < 0 or begin + steps * size > len(calls):
+            continue
+        yield [calls[begin + t * size : begin + (t + 1) * size] for t in range(steps)], order
+
+
+def find_python_loops(gm: torch.fx.GraphModule) -> tuple[list[PythonLoop], list[LeftExact]]:
+    """Every re-rollable Python loop in ``gm``, and the loop-like patterns we refused."""
+    families = step_input_families(gm.graph)
+    calls = [n for n in gm.graph.nodes if _is_call(n) and n not in families]
+    loops: list[PythonLoop] = []
+    left: list[LeftExact] = []
+    used: set[torch.fx.Node] = set()
+    seen: set[int] = set()
+    for family in {id(f): f for f in families.values()}.values():
+        if id(family) in seen:
+            continue
+        seen.add(id(family))
+        where = next(iter(family.members.values()))
+        try:
+            best = None
+            reasons = []
+            for segments, order in _segmentations(calls, family):
+                if any(n in used for seg in segments for n in seg):
+                    continue
+                try:
+                    check = _check_segments(segments, families)
+                except NotALoop as reason:
+                    reasons.append(str(reason))
+                    continue
+                if not check.carry_slots:
+                    reasons.append("no value is carried from one step to the next")
+                    continue
+                if best is None or _score(segments, check) < _score(*best[:2]):
+                    best = (segments, check, order)
+            if best is None:
+                raise NotALoop(reasons[0] if reasons else "no segmentation of the steps fits")
+            loop = _build(gm, *best, families)
+        except NotALoop as reason:
+            users = [u for m in family.members.values() for u in m.users]
+            node = users[0] if users else where
+            left.append(LeftExact(f"loop over {family.source.name}", user_source(node), str(reason)))
+            continue
+        for f in {id(f): f for f, _ in loop.step_inputs}.values():
+            seen.add(id(f))
+        used.update(n for seg in loop.segments for n in seg)
+        loops.append(loop)
+    return loops, left
+
+
+def _build(gm, segments, check: _Check, order, families) -> PythonLoop:
+    carry_positions = sorted(set(check.carry_slots.values()))
+    for j in carry_positions:
+        problem = _carry_shape_problem(segments[0][j])
+        if problem:
+            raise NotALoop(problem)
+    # slices of in-step values (``a, b = gates.chunk(2)``) belong to their step
+    pieces = [u for seg in segments for n in seg for u in n.users if u in families and families[u].source is n]
+    inside = {node for seg in segments for node in seg} | set(pieces)
+    if any(u not in inside for p in pieces for u in p.users):
+        raise NotALoop("a piece of a value computed inside the step is used after the loop")
+    first = segments[0]
+    outside_users = [
+        k for k in range(len(first)) if any(u not in inside for seg in segments for u in seg[k].users)
+    ]
+    epilogue_positions = [k for k in outside_users if k not in carry_positions]
+
+    step_families: list[StepInputFamily] = []
+    for family, _ in check.step_slots.values():
+        if family not in step_families:
+            step_families.append(family)
+    invariants: list[torch.fx.Node] = []
+    body, epilogue = _extract_graphs(first, check, carry_positions, epilogue_positions, step_families, invariants,
+                                     families)
+    steps = len(segments)
+    step_inputs = []
+    reverse = False
+    for family in step_families:
+        stride = next(s for f, s in check.step_slots.values() if f is family)
+        index0 = next(_index_of(family, la) for (k, i), (f, _) in check.step_slots.items() if f is family
+                      for la in [_flat_args(first[k])[0][i]])
+        indices = [index0 + t * stride for t in range(steps)]
+        reverse = stride < 0
+        step_inputs.append((family, indices))
+    source_node = next((n for n in first if n.meta.get("stack_trace")), first[0])
+    path = module_path(source_node)
+    what = f"Python loop{' in ' + repr(path) if path else ''}"
+    batch = segments[0][carry_positions[0]].meta["example_value"].shape[0]
+    loop = LoopIR(
+        name=f"{what} at {user_source(source_node)}",
+        body=body,
+        carry_names=tuple(segments[0][j].name for j in carry_positions),
+        carry_sizes=tuple(int(segments[0][j].meta["example_value"].shape[1]) for j in carry_positions),
+        num_step_inputs=len(step_inputs),
+        num_invariants=len(invariants),
+        reverse=reverse,
+        origin=what,
+        source=user_source(source_node),
+        length=steps,
+        batch=batch,
+    )
+    return PythonLoop(
+        loop=loop,
+        segments=segments,
+        pieces=pieces,
+        step_inputs=step_inputs,
+        init=[check.init[j] for j in carry_positions],
+        invariants=invariants,
+        carry_positions=carry_positions,
+        epilogue=epilogue,
+        epilogue_positions=epilogue_positions,
+    )
+
+
+def _extract_graphs(first, check: _Check, carry_positions, epilogue_positions, step_families, invariants, families):
+    """The step body (carries only) and the epilogue (other per-step outputs) as FX graphs.
+
+    Body placeholders: step inputs, previous carries, invariants.  Epilogue placeholders:
+    step inputs, previous carries, new carries, invariants; it recomputes whatever
+    intermediate values of the step it needs from those.
+    """
+    body, body_invariants = _step_graph(first, check, carry_positions, carry_positions, step_families, False, families)
+    invariants.extend(body_invariants)
+    epilogue = None
+    if epilogue_positions:
+        epilogue, epilogue_invariants = _step_graph(
+            first, check, epilogue_positions, carry_positions, step_families, True, families
+        )
+        epilogue.dsf_invariants = epilogue_invariants
+    return body, epilogue
+
+
+def _step_graph(first, check: _Check, outputs, carry_positions, step_families, new_carries_as_inputs, families):
+    position = {node: k for k, node in enumerate(first)}
+    given = set(carry_positions) if new_carries_as_inputs else set()
+    needed = sorted(_ancestors(first, outputs, given, families))
+
+    def kind_of(k, i, leaf):
+        if (k, i) in check.carry_slots:
+            return "prev", check.carry_slots[k, i]
+        if (k, i) in check.step_slots:
+            return "step", step_families.index(check.step_slots[k, i][0])
+        if isinstance(leaf, torch.fx.Node):
+            if leaf in position:
+                return "internal", position[leaf]
+            family = families.get(leaf)
+            if family is not None and family.source in position:
+                return "piece", (position[family.source], _index_of(family, leaf))
+            return "invariant", leaf
+        return "constant", leaf
+
+    copied = [k for k in needed if k not in given]
+    leaves = {k: [kind_of(k, i, leaf) for i, leaf in enumerate(_flat_args(first[k])[0])] for k in copied}
+    invariant_nodes: list[torch.fx.Node] = []
+    for k in copied:
+        for kind, what in leaves[k]:
+            if kind == "invariant" and what not in invariant_nodes:
+                invariant_nodes.append(what)
+
+    graph = torch.fx.Graph()
+    env: dict[tuple, torch.fx.Node] = {}
+    for i in range(len(step_families)):
+        env["step", i] = graph.placeholder(f"step_input_{i}")
+    for j in carry_positions:
+        env["prev", j] = graph.placeholder(f"prev_{first[j].name}")
+    for j in sorted(given):
+        env["internal", j] = graph.placeholder(f"new_{first[j].name}")
+    for n, node in enumerate(invariant_nodes):
+        env["invariant", node] = graph.placeholder(f"invariant_{n}")
+    def lookup(kind, what):
+        if kind == "constant":
+            return what
+        if kind == "piece" and (kind, what) not in env:
+            env[kind, what] = graph.call_function(operator.getitem, (env["internal", what[0]], what[1]))
+        return env[kind, what]
+
+    for k in copied:
+        spec = _flat_args(first[k])[1]
+        values = [lookup(kind, what) for kind, what in leaves[k]]
+        args, kwargs = spec.unflatten(values)
+        if first[k].op == "call_method":
+            env["internal", k] = graph.call_method(first[k].target, tuple(args), dict(kwargs))
+        else:
+            target = DECOMPOSED_CELL_OPS.get(first[k].target, first[k].target)
+            env["internal", k] = graph.call_function(target, tuple(args), dict(kwargs))
+    graph.output(tuple(env["internal", k] for k in outputs))
+    return torch.fx.GraphModule(torch.nn.Module(), graph), invariant_nodes
+
+
+def _ancestors(first: list[torch.fx.Node], outputs: list[int], stop: set[int], families) -> set[int]:
+    """Positions in the step that ``outputs`` depend on, not looking past ``stop``."""
+    position = {node: k for k, node in enumerate(first)}
+    needed: set[int] = set()
+    todo = list(outputs)
+    while todo:
+        k = todo.pop()
+        if k in needed:
+            continue
+        needed.add(k)
+        if k in stop:
+            continue
+        for leaf in _flat_args(first[k])[0]:
+            if isinstance(leaf, torch.fx.Node) and leaf not in position and leaf in families:
+                leaf = families[leaf].source
+            if isinstance(leaf, torch.fx.Node) and leaf in position:
+                todo.append(position[leaf])
+    return needed
