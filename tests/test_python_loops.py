@@ -224,3 +224,137 @@ def test_diagonal_linear_loop_with_feedback_a_is_exact_bptt():
     assert len(dsf_compile.report(model).loops) == 1
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         assert rel_err(p.grad, q.grad) <= 1e-9, name
+
+
+class Encoder(nn.Module):
+    def __init__(self, size):
+        super().__init__()
+        self.cell = nn.GRUCell(IN, size)
+        self.size = size
+
+    def forward(self, x):
+        h = x.new_zeros(x.shape[1], self.size)
+        outs = []
+        for t in range(x.shape[0]):
+            h = self.cell(x[t], h)
+            outs.append(h)
+        return torch.stack(outs)
+
+
+class TwoLoops(nn.Module):
+    """Two independent loops, inside submodules' forward, one of them run backwards."""
+
+    def __init__(self):
+        super().__init__()
+        self.forward_rnn = Encoder(H)
+        self.backward_rnn = Encoder(H + 1)
+
+    def forward(self, x):
+        return self.forward_rnn(x).sum(-1) + self.backward_rnn(x.flip(0)).sum(-1)
+
+
+def test_explain_lists_exactly_the_loops_present():
+    report = dsf_compile.explain(TwoLoops().double(), torch.randn(6, B, IN, dtype=torch.float64))
+    assert sorted((r.length, r.batch, r.state_size, r.direction) for r in report.loops) == [
+        ("6", str(B), H, "forward"),
+        ("6", str(B), H + 1, "forward"),
+    ]
+    assert all("test_python_loops.py" in r.source for r in report.loops)
+    report = dsf_compile.explain(ReversedLSTMCellLoop(), torch.randn(5, B, IN), torch.zeros(B, H), torch.zeros(B, H))
+    (loop,) = report.loops
+    assert (loop.length, loop.state_size, loop.direction) == ("5", 2 * H, "reverse")
+
+
+@pytest.mark.parametrize("mode", ["dsf", "bptt"])
+def test_two_loops_against_eager_bptt_and_reference(mode):
+    torch.manual_seed(4)
+    model = TwoLoops().double()
+    x = torch.randn(5, B, IN, dtype=torch.float64)
+    compiled = dsf_compile.apply(copy.deepcopy(model), mode, compiler="aot_eager")
+    (compiled(x) ** 2).sum().backward()
+    assert len(dsf_compile.report(compiled).loops) == 2
+    if mode == "bptt":
+        (model(x) ** 2).sum().backward()
+        for p, q in zip(compiled.parameters(), model.parameters()):
+            assert rel_err(p.grad, q.grad) <= 1e-9
+        return
+    # DSF: each loop against the reference, the other loop's output held fixed
+    with torch.no_grad():
+        other = model.backward_rnn(x.flip(0)).sum(-1)
+    enc = model.forward_rnn
+    lam = torch.linspace(0, 1, H, dtype=torch.float64)
+    xs = [(x[t],) for t in range(5)]
+    loss = lambda states: ((torch.stack([s[0] for s in states]).sum(-1) + other) ** 2).sum()
+    _, grads, _, _ = dsf_reference_loop(lambda xt, h: (enc.cell(xt, h),), xs, (torch.zeros(B, H, dtype=torch.float64),),
+                                        lam, loss, list(enc.cell.parameters()))
+    for p, want in zip(compiled.forward_rnn.cell.parameters(), grads):
+        assert rel_err(p.grad, want) <= 1e-9
+
+
+class BranchOnT(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.cell = nn.GRUCell(IN, H)
+
+    def forward(self, x):
+        h = x.new_zeros(x.shape[1], H)
+        for t in range(x.shape[0]):
+            h = self.cell(x[t], h)
+            if t % 2:
+                h = torch.tanh(h)
+        return h
+
+
+class NoStepInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.cell = nn.GRUCell(H, H)
+
+    def forward(self, h):
+        for _ in range(4):
+            h = self.cell(h, h)
+        return h
+
+
+class DataDependentLength(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.cell = nn.GRUCell(IN, H)
+
+    def forward(self, x):
+        h = x.new_zeros(x.shape[1], H)
+        t = 0
+        while t < x.shape[0] and h.norm() < 1e9:
+            h = self.cell(x[t], h)
+            t += 1
+        return h
+
+
+@pytest.mark.parametrize("model_cls,shape,reason", [
+    (BranchOnT, (6, B, IN), "step"),
+    (NoStepInput, (B, H), None),
+    (DataDependentLength, (4, B, IN), None),
+    (GRUCellLoop, None, None),
+])
+def test_loops_we_cannot_reroll_stay_exact_and_are_reported(model_cls, shape, reason):
+    torch.manual_seed(5)
+    model = model_cls().double()
+    if model_cls is GRUCellLoop:  # T = 1: a single step, no loop
+        args = (torch.randn(B, 1, IN, dtype=torch.float64), torch.randn(B, H, dtype=torch.float64))
+    else:
+        args = (torch.randn(*shape, dtype=torch.float64),)
+    report = dsf_compile.explain(model, *args)
+    assert report.loops == []
+    if reason:
+        assert report.left_exact and all(reason in item.reason for item in report.left_exact)
+    compiled = dsf_compile.apply(copy.deepcopy(model), compiler="aot_eager")
+    leaves = [a.clone().requires_grad_() for a in args]
+    with pytest.warns(UserWarning, match="no recurrent loop"):
+        out = compiled(*leaves)
+    out = out[0] if isinstance(out, tuple) else out
+    (out ** 2).sum().backward()
+    ref_out = model(*args)
+    ref_out = ref_out[0] if isinstance(ref_out, tuple) else ref_out
+    (ref_out ** 2).sum().backward()
+    for p, q in zip(compiled.parameters(), model.parameters()):
+        assert rel_err(p.grad, q.grad) <= 1e-9

@@ -252,6 +252,17 @@ def _segmentations(calls, family):
         yield [calls[begin + t * size : begin + (t + 1) * size] for t in range(steps)], order
 
 
+def _looks_like_a_loop(family: StepInputFamily) -> bool:
+    """Whether a refused family is worth reporting: every slice is consumed by the same
+    kind of op, as the steps of one loop would be (two unrelated ``x[:, 0]`` and
+    ``x[:, 1]`` are not)."""
+    first_uses = set()
+    for member in family.members.values():
+        users = sorted(member.users, key=lambda u: u.name)
+        first_uses.add(users[0].target if users else None)
+    return len(first_uses) == 1 and None not in first_uses
+
+
 def find_python_loops(gm: torch.fx.GraphModule) -> tuple[list[PythonLoop], list[LeftExact]]:
     """Every re-rollable Python loop in ``gm``, and the loop-like patterns we refused."""
     families = step_input_families(gm.graph)
@@ -285,9 +296,10 @@ def find_python_loops(gm: torch.fx.GraphModule) -> tuple[list[PythonLoop], list[
                 raise NotALoop(reasons[0] if reasons else "no segmentation of the steps fits")
             loop = _build(gm, *best, families)
         except NotALoop as reason:
-            users = [u for m in family.members.values() for u in m.users]
-            node = users[0] if users else where
-            left.append(LeftExact(f"loop over {family.source.name}", user_source(node), str(reason)))
+            if _looks_like_a_loop(family):
+                users = [u for m in family.members.values() for u in m.users]
+                node = users[0] if users else where
+                left.append(LeftExact(f"loop over {family.source.name}", user_source(node), str(reason)))
             continue
         for f in {id(f): f for f, _ in loop.step_inputs}.values():
             seen.add(id(f))
