@@ -85,13 +85,19 @@ class DSFBackend:
                 rewrite_recurrent_op(gm, site, self.mode, lams)
             for loop, lam in zip(site.loops, lams):
                 self._note(loop, lam)
+        # A rewrite replaces nodes that later loops may read (one layer's stacked outputs
+        # are the next layer's inputs): find again after each one.
         python_loops, left_exact = find_python_loops(gm)
-        self._left_exact(left_exact)
-        for found in python_loops:
+        while python_loops:
+            found = python_loops[0]
             lam = self.lam_for(found.loop)
-            if self.compiler != "none":
-                rewrite_python_loop(gm, found, self.mode, lam)
             self._note(found.loop, lam)
+            if self.compiler == "none":
+                python_loops = python_loops[1:]
+                continue
+            rewrite_python_loop(gm, found, self.mode, lam)
+            python_loops, left_exact = find_python_loops(gm)
+        self._left_exact(left_exact)
         return self._compile(gm, example_inputs)
 
     def _left_exact(self, items) -> None:

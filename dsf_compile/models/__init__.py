@@ -1,6 +1,7 @@
 """Reference language models, written as ordinary PyTorch: the training method is chosen
 only by :func:`dsf_compile.apply`."""
 
+from .cell_lm import HandWrittenGRULM
 from .lm import RNNLanguageModel
 
-__all__ = ["RNNLanguageModel"]
+__all__ = ["HandWrittenGRULM", "RNNLanguageModel"]

@@ -18,6 +18,7 @@ the loop.  Anything else is left exact with the reason the check gave.
 from __future__ import annotations
 
 import operator
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +27,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..cells import DECOMPOSED_CELL_OPS
 from ..loop_ir import LeftExact, LoopIR
-from .provenance import module_path, user_source
+from .provenance import common_source, module_path, user_source
 
 _SEQUENCE_SPLITS = {"unbind", "split", "chunk"}
 
@@ -342,20 +343,25 @@ def _build(gm, segments, check: _Check, order, families) -> PythonLoop:
         indices = [index0 + t * stride for t in range(steps)]
         reverse = stride < 0
         step_inputs.append((family, indices))
-    source_node = next((n for n in first if n.meta.get("stack_trace")), first[0])
-    path = module_path(source_node)
+    paths = [module_path(n).split(".") for n in first if n.meta.get("nn_module_stack")]
+    common = paths[0] if paths else []
+    for p in paths[1:]:
+        while common and p[: len(common)] != common:
+            common = common[:-1]
+    path = ".".join(common)
     what = f"Python loop{' in ' + repr(path) if path else ''}"
+    source = common_source(first)
     batch = segments[0][carry_positions[0]].meta["example_value"].shape[0]
     loop = LoopIR(
-        name=f"{what} at {user_source(source_node)}",
+        name=f"{what} at {source}",
         body=body,
-        carry_names=tuple(segments[0][j].name for j in carry_positions),
+        carry_names=tuple(re.sub(r"_\d+$", "", segments[0][j].name) for j in carry_positions),
         carry_sizes=tuple(int(segments[0][j].meta["example_value"].shape[1]) for j in carry_positions),
         num_step_inputs=len(step_inputs),
         num_invariants=len(invariants),
         reverse=reverse,
         origin=what,
-        source=user_source(source_node),
+        source=source,
         length=steps,
         batch=batch,
     )

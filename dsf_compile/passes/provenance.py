@@ -7,18 +7,39 @@ import re
 import torch.fx
 
 
-def user_source(node: torch.fx.Node) -> str:
-    """``file:line`` of the innermost user frame that produced ``node`` ("?" if unknown)."""
+def _frames(node: torch.fx.Node) -> list[str]:
     trace = node.meta.get("stack_trace") or ""
-    frames = [line.strip() for line in trace.splitlines() if line.strip().startswith("File ")]
-    if not frames:
-        return "?"
+    return [line.strip() for line in trace.splitlines() if line.strip().startswith("File ")]
+
+
+def _format(frame: str) -> str:
     # 'File "/path/model.py", line 12, in forward'
-    parts = frames[-1].split('"')
+    parts = frame.split('"')
     if len(parts) < 3:
-        return frames[-1]
+        return frame
     line = parts[2].split(",")[1].strip().removeprefix("line ")
     return f"{parts[1]}:{line}"
+
+
+def user_source(node: torch.fx.Node) -> str:
+    """``file:line`` of the innermost user frame that produced ``node`` ("?" if unknown)."""
+    frames = _frames(node)
+    return _format(frames[-1]) if frames else "?"
+
+
+def common_source(nodes: list[torch.fx.Node]) -> str:
+    """The innermost frame shared by all ``nodes``: for the nodes of one loop step, the
+    line in the loop that calls the step (``h = cell(x[:, t], h)``)."""
+    stacks = [_frames(n) for n in nodes if _frames(n)]
+    if not stacks:
+        return "?"
+    common = stacks[0]
+    for frames in stacks[1:]:
+        n = 0
+        while n < min(len(common), len(frames)) and common[n] == frames[n]:
+            n += 1
+        common = common[:n]
+    return _format(common[-1]) if common else _format(stacks[0][-1])
 
 
 def module_path(node: torch.fx.Node) -> str:

@@ -81,6 +81,7 @@ def rewrite_python_loop(gm: torch.fx.GraphModule, found: PythonLoop, mode: str, 
                 dim = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim", 0)
                 with graph.inserting_before(user):
                     replacement = graph.call_function(torch.movedim, (results[slot], 0, dim))
+                _same_value(replacement, user)
                 user.replace_all_uses_with(replacement)
                 graph.erase_node(user)
                 continue
@@ -89,6 +90,7 @@ def rewrite_python_loop(gm: torch.fx.GraphModule, found: PythonLoop, mode: str, 
                     time = steps - 1 - t if loop.reverse else t
                     with graph.inserting_before(user):
                         step_value = graph.call_function(operator.getitem, (results[slot], time))
+                    _same_value(step_value, node)
                     user.replace_input_with(node, step_value)
     for node in reversed([n for n in graph.nodes if n in inside]):
         graph.erase_node(node)
@@ -98,6 +100,14 @@ def rewrite_python_loop(gm: torch.fx.GraphModule, found: PythonLoop, mode: str, 
                 graph.erase_node(member)
     graph.lint()
     gm.recompile()
+
+
+def _same_value(new: torch.fx.Node, old: torch.fx.Node) -> None:
+    """Carry Dynamo's metadata over to a node computing the same value, so that later
+    passes (the next loop's front end) can read its shape."""
+    for key in ("example_value", "stack_trace", "nn_module_stack"):
+        if key in old.meta:
+            new.meta[key] = old.meta[key]
 
 
 def _is_stack_of(user: torch.fx.Node, nodes: list[torch.fx.Node]) -> bool:
