@@ -15,7 +15,8 @@ from .feedback import Feedback, check_feedback_option, resolve_feedback, summari
 from .loop_ir import LeftExact, LoopIR
 from .passes.find_python_loops import find_python_loops
 from .passes.find_rnn_ops import find_recurrent_ops
-from .passes.rewrite_python_loops import rewrite_python_loop
+from .passes.find_scan_loops import find_scan_loops
+from .passes.rewrite_python_loops import rewrite_python_loop, rewrite_scan_loop
 from .passes.rewrite_rnn_ops import rewrite_recurrent_op
 from .report import LoopReport, Report
 from .runtime import MODES
@@ -85,6 +86,13 @@ class DSFBackend:
                 rewrite_recurrent_op(gm, site, self.mode, lams)
             for loop, lam in zip(site.loops, lams):
                 self._note(loop, lam)
+        scans, left_exact = find_scan_loops(gm)
+        self._left_exact(left_exact)
+        for found in scans:
+            lam = self.lam_for(found.loop)
+            self._note(found.loop, lam)
+            if self.compiler != "none":
+                rewrite_scan_loop(gm, found, self.mode, lam)
         # A rewrite replaces nodes that later loops may read (one layer's stacked outputs
         # are the next layer's inputs): find again after each one.
         python_loops, left_exact = find_python_loops(gm)

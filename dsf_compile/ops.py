@@ -12,12 +12,10 @@ implementation for the device at run time.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import Tensor
 
-from .kernels import run_kernel
+from .kernels import eager_dispatch, run_kernel
 
 
 @torch.library.custom_op("dsf::reverse_linear_scan", mutates_args=())
@@ -58,21 +56,6 @@ def _(kernel, reverse, step_inputs, carries, invariants):
     return [c.new_empty((length, *c.shape)) for c in carries]
 
 
-@contextlib.contextmanager
-def _autograd_enabled_inside_op():
-    """Autograd inside a custom op's implementation.
-
-    The dispatcher runs an op's kernel with the autograd keys excluded (it sits below
-    autograd); re-include them, and grad mode, for the recomputation.
-    """
-    exclude = torch._C._dispatch_tls_local_exclude_set()
-    exclude = exclude.remove(torch._C.DispatchKey.AutogradFunctionality)
-    exclude = exclude.remove(torch._C.DispatchKey.ADInplaceOrView)
-    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude):
-        with torch.enable_grad():
-            yield
-
-
 @torch.library.custom_op("dsf::loop_states_backward", mutates_args=())
 def loop_states_backward(
     kernel: str,
@@ -89,7 +72,7 @@ def loop_states_backward(
     """
     inputs = [t.detach().requires_grad_() for t in (*step_inputs, *carries, *invariants)]
     n_in, n_carry = len(step_inputs), len(carries)
-    with _autograd_enabled_inside_op():
+    with eager_dispatch(grad=True):
         states = run_kernel(
             kernel, reverse, inputs[:n_in], inputs[n_in : n_in + n_carry], inputs[n_in + n_carry :]
         )

@@ -358,3 +358,88 @@ def test_loops_we_cannot_reroll_stay_exact_and_are_reported(model_cls, shape, re
     (ref_out ** 2).sum().backward()
     for p, q in zip(compiled.parameters(), model.parameters()):
         assert rel_err(p.grad, q.grad) <= 1e-9
+
+
+class ScanGRU(nn.Module):
+    """A loop written with torch's scan; per-step outputs are a head of the state."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell = nn.GRUCell(IN, H)
+        self.head = nn.Linear(H, 2)
+
+    def step(self, x, h):
+        return (self.cell(x, h),)
+
+    def forward(self, x, h):
+        from torch._higher_order_ops.scan import scan
+
+        def combine(h, xt):
+            h = self.cell(xt, h)
+            return h, self.head(h)
+
+        h_n, ys = scan(combine, h, x)
+        return ys, h_n
+
+
+@pytest.mark.parametrize("h0_requires_grad", [True, False])
+@pytest.mark.parametrize("mode", ["dsf", "bptt"])
+def test_scan_loop(mode, h0_requires_grad):
+    torch.manual_seed(6)
+    model = ScanGRU().double()
+    x = torch.randn(6, B, IN, dtype=torch.float64)
+    h0 = torch.randn(B, H, dtype=torch.float64)
+    w_y, w_h = torch.randn(6, B, 2, dtype=torch.float64), torch.randn(B, H, dtype=torch.float64)
+    loss = lambda ys, h_n: (ys * w_y).sum() + (h_n * w_h).sum()
+    compiled = dsf_compile.apply(copy.deepcopy(model), mode, compiler="aot_eager")
+    h_leaf = h0.clone().requires_grad_(h0_requires_grad)
+    outs = compiled(x, h_leaf)
+    loss(*outs).backward()
+    (loop,) = dsf_compile.report(compiled).loops
+    assert loop.origin.startswith("torch scan") and loop.length == "6"
+    params = list(model.parameters())
+    if mode == "bptt":
+        # exact, also where torch 2.11's own scan gradient is wrong (a carry without grad)
+        h_ref = h0.clone().requires_grad_(h0_requires_grad)
+        h, ys = h_ref, []
+        for t in range(6):
+            h = model.cell(x[t], h)
+            ys.append(model.head(h))
+        loss(torch.stack(ys), h).backward()
+        for p, q in zip(compiled.parameters(), params):
+            assert rel_err(p.grad, q.grad) <= 1e-9
+        return
+    lam = torch.linspace(0, 1, H, dtype=torch.float64)
+
+    def loss_of_states(states):
+        hs = [s[0] for s in states]
+        return loss(torch.stack([model.head(h) for h in hs]), hs[-1])
+
+    _, grads, _, init_grad = dsf_reference_loop(model.step, [(x[t],) for t in range(6)], (h0,), lam,
+                                                loss_of_states, params)
+    for p, want in zip(compiled.parameters(), grads):
+        assert rel_err(p.grad, want) <= 1e-9
+    if h0_requires_grad:
+        assert rel_err(h_leaf.grad, init_grad[0]) <= 1e-9
+
+
+def test_input_projection_is_hoisted_out_of_the_forward_loop():
+    from dsf_compile.passes.find_python_loops import find_python_loops
+    from dsf_compile.passes.hoist_step_inputs import hoist_step_inputs
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    with dsf_compile.recurrent_ops_visible():
+        torch.compile(HandWrittenCell(), backend=capture)(torch.randn(5, B, IN), torch.randn(B, H))
+    (found,), _ = find_python_loops(graphs[0])
+    hoisted = hoist_step_inputs(found.loop.body, 1, 1)
+    linears = lambda gm: [n for n in gm.graph.nodes if n.op == "call_function" and n.target is F.linear]
+    assert len(linears(found.loop.body)) == 2
+    assert len(linears(hoisted.pre)) == 1 and len(linears(hoisted.rest)) == 1
+    # the hoisted linear reads the step input, the remaining one the carry
+    (rest_linear,) = linears(hoisted.rest)
+    assert rest_linear.args[0].name.startswith("prev_")

@@ -105,6 +105,7 @@ class PythonLoop:
     invariants: list[torch.fx.Node]
     carry_positions: list[int]  # position in a segment of each carry's new value
     epilogue: torch.fx.GraphModule | None  # per-step outputs that are not carries
+    epilogue_invariants: list[torch.fx.Node]
     epilogue_positions: list[int]
 
 
@@ -331,8 +332,9 @@ def _build(gm, segments, check: _Check, order, families) -> PythonLoop:
         if family not in step_families:
             step_families.append(family)
     invariants: list[torch.fx.Node] = []
-    body, epilogue = _extract_graphs(first, check, carry_positions, epilogue_positions, step_families, invariants,
-                                     families)
+    body, epilogue, epilogue_invariants = _extract_graphs(
+        first, check, carry_positions, epilogue_positions, step_families, invariants, families
+    )
     steps = len(segments)
     step_inputs = []
     reverse = False
@@ -374,6 +376,7 @@ def _build(gm, segments, check: _Check, order, families) -> PythonLoop:
         invariants=invariants,
         carry_positions=carry_positions,
         epilogue=epilogue,
+        epilogue_invariants=epilogue_invariants,
         epilogue_positions=epilogue_positions,
     )
 
@@ -387,13 +390,12 @@ def _extract_graphs(first, check: _Check, carry_positions, epilogue_positions, s
     """
     body, body_invariants = _step_graph(first, check, carry_positions, carry_positions, step_families, False, families)
     invariants.extend(body_invariants)
-    epilogue = None
+    epilogue, epilogue_invariants = None, []
     if epilogue_positions:
         epilogue, epilogue_invariants = _step_graph(
             first, check, epilogue_positions, carry_positions, step_families, True, families
         )
-        epilogue.dsf_invariants = epilogue_invariants
-    return body, epilogue
+    return body, epilogue, epilogue_invariants
 
 
 def _step_graph(first, check: _Check, outputs, carry_positions, step_families, new_carries_as_inputs, families):

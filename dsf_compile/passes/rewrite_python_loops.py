@@ -16,14 +16,15 @@ import torch.fx
 from torch import Tensor
 
 from ..kernels import register_body
+from ..loop_ir import LoopIR
 from ..runtime import previous_states, run_loop
 from .find_python_loops import PythonLoop, StepInputFamily
 
 
-def make_loop_runner(found: PythonLoop, mode: str, lam: Tensor | None):
-    loop = found.loop
+def make_loop_runner(loop: LoopIR, epilogue: torch.fx.GraphModule | None, mode: str, lam: Tensor | None):
+    """``runner(step_inputs, init, invariants, epilogue_invariants)`` → the states of
+    every carry, then the epilogue's per-step outputs, all ``(T, ...)`` in time order."""
     lam_values = None if lam is None else lam.tolist()
-    epilogue = found.epilogue
 
     def runner(step_inputs: list[Tensor], init: list[Tensor], invariants: list[Tensor], extra: list[Tensor]):
         reference = init[0]
@@ -59,14 +60,14 @@ def _stack_step_input(graph: torch.fx.Graph, family: StepInputFamily, indices: l
 def rewrite_python_loop(gm: torch.fx.GraphModule, found: PythonLoop, mode: str, lam: Tensor | None) -> None:
     graph = gm.graph
     loop = found.loop
-    loop.forward_kernel = register_body(loop.body)
+    loop.forward_kernel = register_body(loop)
     inside = {node for seg in found.segments for node in seg} | set(found.pieces)
     steps = len(found.segments)
     with graph.inserting_before(found.segments[-1][-1].next):
         stacked = [_stack_step_input(graph, family, indices) for family, indices in found.step_inputs]
-        extra = getattr(found.epilogue, "dsf_invariants", []) if found.epilogue is not None else []
         runner = graph.call_function(
-            make_loop_runner(found, mode, lam), (stacked, list(found.init), list(found.invariants), list(extra))
+            make_loop_runner(loop, found.epilogue, mode, lam),
+            (stacked, list(found.init), list(found.invariants), list(found.epilogue_invariants)),
         )
         results = [
             graph.call_function(operator.getitem, (runner, slot))
@@ -118,3 +119,29 @@ def _is_stack_of(user: torch.fx.Node, nodes: list[torch.fx.Node]) -> bool:
         and isinstance(user.args[0], (list, tuple))
         and list(user.args[0]) == nodes
     )
+
+
+def rewrite_scan_loop(gm: torch.fx.GraphModule, found, mode: str, lam: Tensor | None) -> None:
+    """Replace a ``scan`` op by the same runner; its outputs keep the op's layout
+    (final carries, then the stacked per-step outputs)."""
+    loop = found.loop
+    loop.forward_kernel = register_body(loop)
+    runner = make_loop_runner(loop, found.epilogue, mode, lam)
+    layout = found.outputs
+    n_carries = len(loop.carry_sizes)
+
+    def scan_runner(step_inputs, init, invariants, extra):
+        results = runner(step_inputs, init, invariants, extra)
+        states, epilogue = results[:n_carries], results[n_carries:]
+        picked = {"final": lambda j: states[j][-1], "states": lambda j: states[j], "epilogue": lambda m: epilogue[m]}
+        return [picked[kind](index) for kind, index in layout]
+
+    scan_runner.__name__ = scan_runner.__qualname__ = f"dsf_scan_{mode}"
+    node = found.node
+    combine = node.args[0]
+    node.target = scan_runner
+    node.args = (list(node.args[2]), list(node.args[1]), list(found.invariants), list(found.epilogue_invariants))
+    if not combine.users:
+        gm.graph.erase_node(combine)
+    gm.graph.lint()
+    gm.recompile()
