@@ -443,3 +443,26 @@ def test_input_projection_is_hoisted_out_of_the_forward_loop():
     # the hoisted linear reads the step input, the remaining one the carry
     (rest_linear,) = linears(hoisted.rest)
     assert rest_linear.args[0].name.startswith("prev_")
+
+
+class DropoutInStep(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.cell = nn.GRUCell(IN, H)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        h = x.new_zeros(x.shape[1], H)
+        outs = []
+        for t in range(x.shape[0]):
+            h = self.drop(self.cell(x[t], h))
+            outs.append(h)
+        return torch.stack(outs)
+
+
+def test_random_op_inside_the_step_is_left_exact():
+    report = dsf_compile.explain(DropoutInStep().train(), torch.randn(5, B, IN))
+    assert report.loops == []
+    assert any("random" in item.reason for item in report.left_exact)
+    # in eval mode dropout is the identity and the loop is rewritten
+    assert len(dsf_compile.explain(DropoutInStep().eval(), torch.randn(5, B, IN)).loops) == 1

@@ -30,6 +30,7 @@ from ..loop_ir import LeftExact, LoopIR
 from .provenance import common_source, module_path, user_source
 
 _SEQUENCE_SPLITS = {"unbind", "split", "chunk"}
+_RANDOM_OPS = ("dropout", "rand", "bernoulli", "normal", "multinomial", "uniform", "poisson", "exponential")
 
 
 def _name(node: torch.fx.Node) -> str:
@@ -310,8 +311,23 @@ def find_python_loops(gm: torch.fx.GraphModule) -> tuple[list[PythonLoop], list[
     return loops, left
 
 
+def random_op_problem(nodes) -> str | None:
+    """Random ops in a step cannot be rewritten: the rolled forward and the batched
+    recomputation would draw different masks, and the gradient would belong to neither."""
+    for node in nodes:
+        name = _name(node).lower()
+        if "dropout" in name and node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True) is False:
+            continue  # dropout in eval mode is the identity
+        if any(word in name for word in _RANDOM_OPS):
+            return f"the step draws random numbers ({_name(node)}): the rewrite would not replay them"
+    return None
+
+
 def _build(gm, segments, check: _Check, order, families) -> PythonLoop:
     carry_positions = sorted(set(check.carry_slots.values()))
+    problem = random_op_problem(segments[0])
+    if problem:
+        raise NotALoop(problem)
     for j in carry_positions:
         problem = _carry_shape_problem(segments[0][j])
         if problem:

@@ -17,7 +17,7 @@ import torch
 import torch.fx
 
 from ..loop_ir import LeftExact, LoopIR
-from .find_python_loops import NotALoop, _carry_shape_problem, _Check, _step_graph
+from .find_python_loops import NotALoop, _carry_shape_problem, _Check, _step_graph, random_op_problem
 from .provenance import module_path, user_source
 
 
@@ -63,6 +63,9 @@ def _scan_loop(gm: torch.fx.GraphModule, node: torch.fx.Node) -> ScanLoop:
     first = [n for n in combine.graph.nodes if n.op in ("call_function", "call_method")]
     if any(n.op == "get_attr" for n in combine.graph.nodes):
         raise NotALoop("the step reads a constant stored in the combine graph")
+    problem = random_op_problem(first)
+    if problem:
+        raise NotALoop(problem)
     position = {n: k for k, n in enumerate(first)}
     if any(out not in position for out in returned[:n_c]):
         raise NotALoop("a carry is passed through the step unchanged")
