@@ -108,8 +108,28 @@ class TwoLayersOneLoop(nn.Module):
         return [(x[t],) for t in range(x.shape[0])]
 
 
-def _readout(model, outputs_fn):
-    return outputs_fn
+class MatmulCell(nn.Module):
+    """x.chunk(T, 1); raw parameters with matmul, split and cat inside the step, two carries."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(IN, 2 * H) * 0.3)
+        self.u = nn.Parameter(torch.randn(2 * H, 2 * H) * 0.3)
+
+    def step(self, x, h, m):
+        pre = x @ self.w + torch.cat([h, m], -1) @ self.u
+        a, b = pre.split(H, -1)
+        return torch.tanh(a) * torch.sigmoid(b), 0.5 * m + 0.5 * torch.tanh(b)
+
+    def forward(self, x, h, m):
+        outs = []
+        for piece in x.chunk(x.shape[1], 1):
+            h, m = self.step(piece.squeeze(1), h, m)
+            outs.append(h)
+        return torch.stack(outs, 1), m
+
+    def split_input(self, x):
+        return [(x[:, t],) for t in range(x.shape[1])]
 
 
 CASES = {
@@ -117,6 +137,7 @@ CASES = {
     "lstm_cell_reversed": (ReversedLSTMCellLoop, lambda T: (torch.randn(T, B, IN),), 2),
     "hand_written": (HandWrittenCell, lambda T: (torch.randn(T, B, IN),), 1),
     "two_layers_head": (TwoLayersOneLoop, lambda T: (torch.randn(T, B, IN),), 2),
+    "matmul_split_cat": (MatmulCell, lambda T: (torch.randn(B, T, IN),), 2),
 }
 
 
@@ -183,12 +204,14 @@ def _outputs_from_states(model, name, x, states):
     if name == "hand_written":
         hs = [s[0] for s in states]
         return torch.stack(hs), hs[-1]
+    if name == "matmul_split_cat":
+        return torch.stack([s[0] for s in states], 1), states[-1][1]
     h2s = [s[1] for s in states]
     return torch.stack([model.head(h) for h in h2s]), h2s[-1]
 
 
 def _assemble_x_grad(name, x, x_grads):
-    if name == "gru_cell":
+    if name in ("gru_cell", "matmul_split_cat"):
         return torch.stack([g[0] for g in x_grads], 1)
     if name == "lstm_cell_reversed":
         return torch.stack([g[0] for g in reversed(x_grads)])
