@@ -6,6 +6,7 @@ that finds its recurrent loops and rewrites their backward pass (DESIGN.md ยง1โ€
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any
 
@@ -68,11 +69,11 @@ def recurrent_ops_visible():
 
 
 def _compile_forward(model: nn.Module, dsf_backend: DSFBackend, dynamic: bool | None):
-    # The class's own forward, bound to this model: Dynamo skips the bound ``_call_impl``
-    # of a bare torch.nn module (``nn.GRU(...).compile()`` silently runs eagerly), and an
-    # already applied model's ``forward`` is our wrapper.
-    forward = type(model).forward.__get__(model)
-    return torch.compile(forward, backend=dsf_backend, dynamic=dynamic)
+    # The class's own forward, taking the model as its first argument: Dynamo skips the
+    # bound ``_call_impl`` of a bare torch.nn module (``nn.GRU(...).compile()`` silently
+    # runs eagerly), an applied model's ``forward`` is our wrapper, and a copy of the model
+    # (``copy.deepcopy``) must run with its own parameters, not the original's.
+    return torch.compile(type(model).forward, backend=dsf_backend, dynamic=dynamic)
 
 
 class _GraphBreaks:
@@ -103,13 +104,18 @@ class _CompiledForward:
     visible to Dynamo, surfaces our own errors unwrapped, and warns once when the model
     turned out to hold no loop to rewrite."""
 
-    def __init__(self, compiled, dsf_backend: DSFBackend) -> None:
-        self.compiled, self.backend, self._checked = compiled, dsf_backend, False
+    def __init__(self, model: nn.Module, compiled, dsf_backend: DSFBackend) -> None:
+        self.model, self.compiled, self.backend, self._checked = model, compiled, dsf_backend, False
+
+    def __deepcopy__(self, memo: dict) -> _CompiledForward:
+        # the copy runs its own model through the same compiled function (Dynamo guards
+        # on the model, so it gets its own graphs) and reports to the same backend
+        return _CompiledForward(copy.deepcopy(self.model, memo), self.compiled, self.backend)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
             with recurrent_ops_visible(), _GraphBreaks() as breaks:
-                out = self.compiled(*args, **kwargs)
+                out = self.compiled(self.model, *args, **kwargs)
             self.backend.graph_breaks.extend(b for b in breaks if b not in self.backend.graph_breaks)
         except Exception as error:
             unwrapped = _unwrap_backend_error(error)
@@ -155,7 +161,7 @@ def apply(
     same object is returned.  See :func:`report` for what was rewritten.
     """
     dsf_backend = backend(mode, feedback, seed=seed, strict=strict, compiler=compiler)
-    model.forward = _CompiledForward(_compile_forward(model, dsf_backend, dynamic), dsf_backend)
+    model.forward = _CompiledForward(model, _compile_forward(model, dsf_backend, dynamic), dsf_backend)
     model._dsf_backend = dsf_backend
     return model
 
@@ -183,7 +189,7 @@ def explain(
     compiled = _compile_forward(model, probe, dynamic=False)
     try:
         with recurrent_ops_visible(), torch.no_grad(), _GraphBreaks() as breaks:
-            compiled(*example_args, **example_kwargs)
+            compiled(model, *example_args, **example_kwargs)
     except Exception as error:
         unwrapped = _unwrap_backend_error(error)
         if unwrapped is error:

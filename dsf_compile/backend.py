@@ -62,6 +62,9 @@ class DSFBackend:
         self.graphs: list[tuple[str, torch.fx.GraphModule]] = []
         self.graph_breaks: list[str] = []
 
+    def __deepcopy__(self, memo: dict) -> DSFBackend:
+        return self  # shared by copies of a model, like the compiled function that calls it
+
     @property
     def report(self) -> Report:
         return Report(list(self._loops.values()), list(self._left.values()), list(self.graph_breaks))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import lzma
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -10,6 +12,7 @@ from pathlib import Path
 import torch
 
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+DEFAULT_CACHE = Path(__file__).resolve().parent / "cache"
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 
 
@@ -70,3 +73,117 @@ def sentence_batches(
         for row, s in enumerate(batch):
             tokens[row, : len(s)] = torch.tensor(s)
         yield tokens[:, :-1], tokens[:, 1:]
+
+
+# --- WikiText-103 (or the Wikipedia stand-in): BPE tokens in fixed-length chunks ---
+
+
+@dataclass
+class TokenCorpus:
+    vocab_size: int
+    train: torch.Tensor
+    valid: torch.Tensor
+    test: torch.Tensor
+    source: str
+
+
+def _wiki_texts(root: Path, use_datasets: bool, max_train_chars: int | None) -> tuple[dict[str, list[str]], str]:
+    """Lines of each split: WikiText-103 through ``datasets`` when it can be had, else the
+    Wikipedia stand-in under ``root/wiki`` (DESIGN.md; data README)."""
+    if use_datasets:
+        try:
+            import datasets  # optional: not installed on every machine
+
+            loaded = datasets.load_dataset("wikitext", "wikitext-103-raw-v1")
+            texts = {split: [t for t in loaded[key]["text"] if t.strip()]
+                     for split, key in (("train", "train"), ("valid", "validation"), ("test", "test"))}
+            source = "wikitext-103-raw-v1"
+        except Exception as error:  # no package, no network, no cache: use the stand-in
+            print(f"datasets unavailable ({type(error).__name__}); using the Wikipedia stand-in in {root / 'wiki'}")
+            texts = None
+    else:
+        texts = None
+    if texts is None:
+        folder = root / "wiki"
+        paths = {"train": folder / "train.txt.xz", "valid": folder / "valid.txt", "test": folder / "test.txt"}
+        for path in paths.values():
+            if not path.is_file():
+                raise DataMissing(
+                    f"{path} not found: the Wikipedia stand-in is expected as wiki/train.txt.xz, wiki/valid.txt and "
+                    f"wiki/test.txt under {root}; pass --data-root with that folder (default {DEFAULT_ROOT})"
+                )
+        with lzma.open(paths["train"], "rt", encoding="utf-8") as f:
+            train = f.read(max_train_chars) if max_train_chars else f.read()
+        texts = {"train": [line for line in train.splitlines() if line.strip()]}
+        for split in ("valid", "test"):
+            texts[split] = [line for line in paths[split].read_text(encoding="utf-8").splitlines() if line.strip()]
+        source = "wikipedia-stand-in"
+    if max_train_chars and source != "wikipedia-stand-in":
+        kept, total = [], 0
+        for line in texts["train"]:
+            kept.append(line)
+            total += len(line)
+            if total >= max_train_chars:
+                break
+        texts["train"] = kept
+    return texts, source
+
+
+def load_wiki(
+    root: str | Path = DEFAULT_ROOT,
+    vocab_size: int = 16000,
+    cache: str | Path = DEFAULT_CACHE,
+    use_datasets: bool = True,
+    max_train_chars: int | None = None,
+) -> TokenCorpus:
+    """Token ids of each split under a byte-level BPE tokenizer with ``vocab_size``
+    entries trained on the training split; tokenizer and ids are cached in ``cache``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    texts, source = _wiki_texts(Path(root), use_datasets, max_train_chars)
+    cache = Path(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha1(f"{source}|{vocab_size}|{max_train_chars}|{len(texts['train'])}".encode()).hexdigest()[:12]
+    tokenizer_path = cache / f"bpe-{vocab_size}-{digest}.json"
+    if tokenizer_path.is_file():
+        tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    else:
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        )
+        tokenizer.train_from_iterator(texts["train"], trainer=trainer)
+        tokenizer.save(str(tokenizer_path))
+    eos = tokenizer.token_to_id(EOS)
+    splits = {}
+    for split, lines in texts.items():
+        path = cache / f"{split}-{digest}.pt"
+        if path.is_file():
+            splits[split] = torch.load(path)
+            continue
+        ids: list[int] = []
+        for start in range(0, len(lines), 10_000):
+            for encoding in tokenizer.encode_batch(lines[start : start + 10_000]):
+                ids.extend(encoding.ids)
+                ids.append(eos)
+        splits[split] = torch.tensor(ids, dtype=torch.int32)
+        torch.save(splits[split], path)
+    return TokenCorpus(tokenizer.get_vocab_size(), splits["train"], splits["valid"], splits["test"], source)
+
+
+def context_batches(
+    ids: torch.Tensor, context: int, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = True
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(inputs, targets) ``(B, context)`` from consecutive, non-overlapping chunks."""
+    chunks = (len(ids) - 1) // context
+    order = torch.randperm(chunks, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(chunks)
+    starts = order * context
+    offsets = torch.arange(context + 1)
+    for first in range(0, chunks, batch_size):
+        picked = starts[first : first + batch_size]
+        if drop_last and len(picked) < batch_size:
+            return
+        window = ids[picked[:, None] + offsets].long()
+        yield window[:, :-1], window[:, 1:]

@@ -162,3 +162,19 @@ def test_left_exact_multi_layer_op_warns_that_torch_drops_its_dropout():
     report = dsf_compile.explain(lstm.train(), torch.randn(4, 2, 3))
     (item,) = report.left_exact
     assert "proj_size" in item.reason and "drops its inter-layer dropout" in item.reason
+
+
+def test_a_copy_of_an_applied_model_trains_its_own_parameters():
+    import copy
+
+    model = dsf_compile.apply(nn.GRU(3, 4), compiler="aot_eager")
+    x = torch.randn(5, 2, 3)
+    model(x)[0].sum().backward()
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.weight_hh_l0.mul_(2)
+    twin.zero_grad()
+    model.zero_grad()
+    twin(x)[0].sum().backward()
+    assert twin.weight_hh_l0.grad is not None and model.weight_hh_l0.grad is None
+    assert not torch.allclose(twin(x)[0], model(x)[0])

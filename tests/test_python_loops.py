@@ -489,3 +489,43 @@ def test_random_op_inside_the_step_is_left_exact():
     assert any("random" in item.reason for item in report.left_exact)
     # in eval mode dropout is the identity and the loop is rewritten
     assert len(dsf_compile.explain(DropoutInStep().eval(), torch.randn(5, B, IN)).loops) == 1
+
+
+class StartFromFirstStep(nn.Module):
+    """The first slice seeds the state; the loop runs over the rest (range(1, T))."""
+
+    def __init__(self):
+        super().__init__()
+        self.start = nn.Linear(IN, H)
+        self.cell = nn.GRUCell(IN, H)
+
+    def forward(self, x):
+        h = torch.tanh(self.start(x[:, 0]))
+        outs = []
+        for t in range(1, x.shape[1]):
+            h = self.cell(x[:, t], h)
+            outs.append(h)
+        return torch.stack(outs, 1)
+
+
+def test_loop_over_a_subrange_with_a_seed_slice():
+    torch.manual_seed(8)
+    model = StartFromFirstStep().double()
+    x = torch.randn(B, 7, IN, dtype=torch.float64)
+    w = torch.randn(B, 6, H, dtype=torch.float64)
+    compiled = dsf_compile.apply(copy.deepcopy(model), "dsf", compiler="aot_eager")
+    out = compiled(x)
+    assert rel_err(out.detach(), model(x).detach()) <= 1e-12
+    (out * w).sum().backward()
+    (loop,) = dsf_compile.report(compiled).loops
+    assert loop.length == "6"
+    lam = torch.linspace(0, 1, H, dtype=torch.float64)
+    h0 = torch.tanh(model.start(x[:, 0]))
+    loss = lambda states: (torch.stack([s[0] for s in states], 1) * w).sum()
+    _, grads, _, (g_h0,) = dsf_reference_loop(lambda xt, h: (model.cell(xt, h),), [(x[:, t],) for t in range(1, 7)],
+                                              (h0.detach(),), lam, loss, list(model.cell.parameters()))
+    start_grads = torch.autograd.grad(h0, list(model.start.parameters()), g_h0)
+    for p, want in zip(compiled.cell.parameters(), grads):
+        assert rel_err(p.grad, want) <= 1e-9
+    for p, want in zip(compiled.start.parameters(), start_grads):
+        assert rel_err(p.grad, want) <= 1e-9

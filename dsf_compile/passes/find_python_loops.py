@@ -186,6 +186,8 @@ def _check_leaf(t, k, i, la, lb, where, families, check: _Check) -> None:
         index_b = _index_of(family, lb)
         if t == 1:
             check.step_slots[(k, i)] = (family, index_b - index_a)
+        if (k, i) not in check.step_slots:
+            raise NotALoop(f"step {t} reads a step input where step 1 reads another value")
         stride = check.step_slots[(k, i)][1]
         if stride not in (1, -1) or index_b != index_a + t * stride:
             raise NotALoop(f"step {t} takes step input {family.source.name}[{index_b}]: not consecutive steps")
@@ -218,10 +220,19 @@ def _propose(calls: list[torch.fx.Node], family: StepInputFamily) -> tuple[int, 
     anchors.sort()
     if len(anchors) < 2:
         raise NotALoop("fewer than two steps use the input")
-    gaps = {b[0] - a[0] for a, b in zip(anchors, anchors[1:])}
-    if len(gaps) != 1:
-        raise NotALoop(f"steps are not the same computation (their sizes differ: {sorted(gaps)} ops)")
-    return anchors[0][0], gaps.pop(), [index for _, index in anchors]
+    # The longest run of evenly spaced uses is the loop; a slice or two used before or
+    # after it (``x[:, 0]`` as a start token, say) is ordinary outside code.
+    gaps = [b[0] - a[0] for a, b in zip(anchors, anchors[1:])]
+    best_start, best_length, start = 0, 1, 0
+    for i in range(1, len(gaps) + 1):
+        if i == len(gaps) or gaps[i] != gaps[start]:
+            if i - start > best_length - 1:
+                best_start, best_length = start, i - start + 1
+            start = i
+    if best_length < max(2, len(anchors) - 2):
+        raise NotALoop(f"steps are not the same computation (their sizes differ: {sorted(set(gaps))} ops)")
+    run = anchors[best_start : best_start + best_length]
+    return run[0][0], gaps[best_start], [index for _, index in run]
 
 
 def _carry_shape_problem(node: torch.fx.Node) -> str | None:
@@ -240,8 +251,7 @@ def _score(segments, check: _Check) -> tuple[int, int]:
     """Fewer carries first; then prefer carries that the program uses after the loop."""
     carries = sorted(set(check.carry_slots.values()))
     inside = {node for seg in segments for node in seg}
-    used_after = sum(1 for j in carries if any(u not in inside and u.target is not operator.getitem
-                                               for u in segments[-1][j].users))
+    used_after = sum(1 for j in carries if any(u not in inside for u in segments[-1][j].users))
     return len(carries), -used_after
 
 
@@ -298,7 +308,8 @@ def find_python_loops(gm: torch.fx.GraphModule) -> tuple[list[PythonLoop], list[
             if best is None:
                 raise NotALoop(reasons[0] if reasons else "no segmentation of the steps fits")
             loop = _build(gm, *best, families)
-        except NotALoop as reason:
+        except Exception as error:  # never fail compilation over a loop we cannot read: leave it exact
+            reason = error if isinstance(error, NotALoop) else f"not understood ({type(error).__name__}: {error})"
             if _looks_like_a_loop(family):
                 users = [u for m in family.members.values() for u in m.users]
                 node = users[0] if users else where

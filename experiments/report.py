@@ -1,0 +1,111 @@
+"""Tables and learning curves from training runs.
+
+    python experiments/report.py --runs experiments/runs/ptb-* --name ptb
+    python experiments/report.py --runs experiments/runs/wiki-* --name wiki
+
+Reads each run's ``summary.json`` and ``log.jsonl``; writes ``<out>/<name>.json``
+(``{"runs": [{"config", "method", "best_valid_ppl", "tokens", "epochs", ...}]}``),
+``<out>/<name>.md`` (best validation perplexity per config and method, the gap DSF
+closes between FT-BPTT and BPTT, the paper's numbers where they exist, every departure
+from the protocol) and ``<out>/<name>-curves.png`` (train and validation perplexity).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from tabulate import tabulate
+
+ROOT = Path(__file__).resolve().parent
+# DESIGN.md §4: WikiText-103, 3×512 GRU, transformer-like blocks, context 256, 5 epochs.
+PAPER = {("wiki", 3, 512, "gru"): {"bptt": 28.32, "ft": 46.60, "dsf": 31.54}}
+METHODS = ("bptt", "ft", "dsf")
+
+
+def load_run(folder: Path) -> dict:
+    summary = json.loads((folder / "summary.json").read_text())
+    log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines() if line.strip()]
+    return {**summary, "folder": str(folder), "log": log}
+
+
+def gap_closure(ppl: dict) -> float | None:
+    if not all(m in ppl for m in METHODS) or ppl["ft"] == ppl["bptt"]:
+        return None
+    return (ppl["ft"] - ppl["dsf"]) / (ppl["ft"] - ppl["bptt"])
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (train_ax, valid_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for run in runs:
+        label = f"{run['config']} {run['method']}"
+        train = [e for e in run["log"] if e["kind"] == "train"]
+        valid = [e for e in run["log"] if e["kind"] == "valid"]
+        train_ax.plot([e["tokens"] for e in train], [e["ppl"] for e in train], label=label)
+        valid_ax.plot([e["epoch"] for e in valid], [e["valid_ppl"] for e in valid], marker="o", label=label)
+    train_ax.set(xlabel="training tokens", ylabel="train perplexity", yscale="log", title="training")
+    valid_ax.set(xlabel="epoch", ylabel="validation perplexity", yscale="log", title="validation")
+    for ax in (train_ax, valid_ax):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", nargs="+", required=True, help="run folders")
+    parser.add_argument("--name", required=True, help="base name of the outputs")
+    parser.add_argument("--out", default=str(ROOT / "results"))
+    args = parser.parse_args(argv)
+    runs = [load_run(Path(folder)) for folder in args.runs]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    keep = ("config", "method", "best_valid_ppl", "tokens", "epochs", "steps", "complete", "data", "width",
+            "layers", "cell", "train_seconds", "device", "deviations")
+    (out / f"{args.name}.json").write_text(json.dumps({"runs": [{k: r[k] for k in keep} for r in runs]}, indent=1))
+
+    groups: dict[tuple, dict] = defaultdict(dict)
+    notes: dict[tuple, set] = defaultdict(set)
+    for run in runs:
+        key = (run["config"], run["layers"], run["width"], run["cell"])
+        groups[key][run["method"]] = run["best_valid_ppl"]
+        notes[key].add(f"{run['epochs']} epochs, {run['tokens']:,} tokens, data {run['data']}")
+        for name, value in run["deviations"].items():
+            notes[key].add(f"{name}={value}")
+        if not run["complete"]:
+            notes[key].add(f"{run['method']} incomplete")
+    rows = []
+    for key, ppl in groups.items():
+        closure = gap_closure(ppl)
+        paper = PAPER.get(key, {})
+        paper_closure = gap_closure(paper) if paper else None
+        rows.append([
+            f"{key[0]} {key[1]}×{key[2]} {key[3]}",
+            *(f"{ppl[m]:.2f}" if m in ppl else "-" for m in METHODS),
+            "-" if closure is None else f"{100 * closure:.0f}%",
+            " / ".join(f"{paper[m]:.2f}" for m in METHODS) if paper else "-",
+            "-" if paper_closure is None else f"{100 * paper_closure:.0f}%",
+            "; ".join(sorted(notes[key])),
+        ])
+    headers = ["config", "BPTT", "FT-BPTT", "DSF", "gap closed", "paper B/FT/DSF", "paper gap", "runs"]
+    table = tabulate(rows, headers=headers, tablefmt="github")
+    text = (f"# {args.name}: best validation perplexity\n\nGap closed = (FT − DSF) / (FT − BPTT). "
+            f"Produced by `python experiments/report.py --runs {' '.join(args.runs)} --name {args.name}`.\n\n"
+            f"{table}\n\n![curves]({args.name}-curves.png)\n")
+    (out / f"{args.name}.md").write_text(text)
+    plot(runs, out / f"{args.name}-curves.png")
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

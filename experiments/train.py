@@ -1,0 +1,270 @@
+"""Train a recurrent language model on the paper's protocols, with the training method
+chosen only by ``dsf_compile.apply(model, mode=method)`` (DESIGN.md §5).
+
+    python experiments/train.py --config ptb --method dsf --out experiments/runs/ptb-dsf
+    python experiments/train.py --config wiki --method bptt --out experiments/runs/wiki-bptt
+    python experiments/train.py --out experiments/runs/ptb-dsf --resume      # continue a run
+
+Every protocol setting is a flag (``--width 128 --epochs 2 ...``).  Each run writes
+``log.jsonl`` (train and validation records), ``checkpoint.pt`` (model, optimiser,
+scheduler, RNG states and data position; every ``--checkpoint-every`` steps and at each
+epoch end) and ``summary.json``.  ``--resume`` continues an interrupted run to the same
+result it would have reached uninterrupted.  Departures from the protocol (``--max-steps``,
+``--max-train-chars``, ``--valid-batches``) are recorded in the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from data import DEFAULT_CACHE, DEFAULT_ROOT, context_batches, load_ptb, load_wiki, sentence_batches  # noqa: E402
+
+import dsf_compile  # noqa: E402
+from dsf_compile.models import RNNLanguageModel, TransformerLikeRNN  # noqa: E402
+from dsf_compile.models.lm import masked_cross_entropy  # noqa: E402
+
+# The two protocols of DESIGN.md §5.
+CONFIGS = {
+    "ptb": dict(
+        data="ptb", model="stack", cell="gru", width=256, layers=3, context=64, batch=128, epochs=30,
+        lr=1e-3, weight_decay=1e-4, schedule="step", milestones=[10, 20], warmup=0.0, floor=0.1, vocab=0,
+    ),
+    "wiki": dict(
+        data="wiki", model="blocks", cell="gru", width=512, layers=3, context=256, batch=128, epochs=5,
+        lr=1e-3, weight_decay=0.0, schedule="cosine", milestones=[], warmup=0.1, floor=0.1, vocab=16000,
+    ),
+}
+RUN_DEFAULTS = dict(
+    method="dsf", feedback="linspace", seed=0, compiler="inductor", device="auto", tf32=True,
+    data_root=str(DEFAULT_ROOT), cache=str(DEFAULT_CACHE), use_datasets=True, log_every=50,
+    checkpoint_every=500, max_steps=0, max_train_chars=0, valid_batches=0,
+)
+DEVIATIONS = ("max_steps", "max_train_chars", "valid_batches")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=CONFIGS, default="ptb")
+    parser.add_argument("--out", required=True, help="run folder (log, checkpoint, summary)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    for key, value in {**CONFIGS["wiki"], **RUN_DEFAULTS}.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=None)
+        elif isinstance(value, list):
+            parser.add_argument(flag, type=int, nargs="*", default=None)
+        else:
+            parser.add_argument(flag, type=type(value), default=None)
+    return parser.parse_args(argv)
+
+
+def resolve_config(args: argparse.Namespace) -> dict:
+    config = {"config": args.config, **CONFIGS[args.config], **RUN_DEFAULTS}
+    config.update({k: v for k, v in vars(args).items() if k in config and v is not None})
+    if config["device"] == "auto":
+        config["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    return config
+
+
+class Data:
+    """Training and validation batches of one protocol, in an order fixed by seed and epoch."""
+
+    def __init__(self, config: dict) -> None:
+        self.config = config
+        if config["data"] == "ptb":
+            corpus = load_ptb(config["data_root"], max_len=config["context"])
+            self.vocab_size, self.pad, self.corpus = len(corpus.vocab), corpus.pad, corpus
+            self.source = "ptb"
+        else:
+            corpus = load_wiki(
+                config["data_root"], config["vocab"], config["cache"], config["use_datasets"],
+                config["max_train_chars"] or None,
+            )
+            self.vocab_size, self.pad, self.corpus = corpus.vocab_size, -100, corpus
+            self.source = corpus.source
+
+    def train(self, epoch: int) -> list:
+        seed = self.config["seed"] * 1000 + epoch
+        if self.config["data"] == "ptb":
+            batches = sentence_batches(self.corpus.train, self.config["batch"], self.pad, shuffle=True, seed=seed)
+            return [b for b in batches if len(b[0]) == self.config["batch"]]
+        return list(context_batches(self.corpus.train, self.config["context"], self.config["batch"], True, seed))
+
+    def valid(self):
+        if self.config["data"] == "ptb":
+            batches = sentence_batches(self.corpus.valid, self.config["batch"], self.pad, shuffle=False)
+        else:
+            batches = context_batches(self.corpus.valid, self.config["context"], self.config["batch"], False,
+                                      drop_last=False)
+        limit = self.config["valid_batches"]
+        for i, batch in enumerate(batches):
+            if limit and i >= limit:
+                return
+            yield batch
+
+
+def build_model(config: dict, vocab_size: int) -> torch.nn.Module:
+    if config["model"] == "stack":
+        return RNNLanguageModel(vocab_size, config["width"], config["layers"], config["cell"])
+    return TransformerLikeRNN(vocab_size, config["width"], config["layers"], config["cell"])
+
+
+def lr_factor(config: dict, steps_per_epoch: int):
+    total = steps_per_epoch * config["epochs"]
+
+    def factor(step: int) -> float:
+        if config["schedule"] == "step":
+            epoch = step // steps_per_epoch
+            return 0.1 ** sum(epoch >= m for m in config["milestones"])
+        warmup = int(config["warmup"] * total)
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return config["floor"] + (1 - config["floor"]) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def evaluate(model: torch.nn.Module, data: Data, device: str) -> float:
+    """Validation perplexity.  Forward values are the same in every mode, so the model's
+    own eager forward is used (no extra compilation for the no-grad graph)."""
+    forward = type(model).forward.__get__(model)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x, y in data.valid():
+            x, y = x.to(device), y.to(device)
+            n = int((y != data.pad).sum())
+            total += masked_cross_entropy(forward(x), y, data.pad).item() * n
+            count += n
+    return math.exp(total / count)
+
+
+def save_checkpoint(path: Path, **state) -> None:
+    state["rng"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    out = Path(args.out)
+    checkpoint_path = out / "checkpoint.pt"
+    checkpoint = None
+    if args.resume:
+        if not checkpoint_path.is_file():
+            raise SystemExit(f"--resume: no checkpoint at {checkpoint_path}")
+        checkpoint = torch.load(checkpoint_path, weights_only=False)
+        config = checkpoint["config"]
+        # a resumed run may be given a later stopping point, nothing else
+        if args.max_steps is not None:
+            config["max_steps"] = args.max_steps
+    else:
+        if checkpoint_path.exists():
+            raise SystemExit(f"{out} already holds a run: pass --resume to continue it, or another --out")
+        config = resolve_config(args)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(config["tf32"])
+    device = config["device"]
+
+    torch.manual_seed(config["seed"])
+    random.seed(config["seed"])
+    data = Data(config)
+    model = build_model(config, data.vocab_size).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    steps_per_epoch = len(data.train(0))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, steps_per_epoch))
+    state = {"epoch": 0, "batch": 0, "step": 0, "tokens": 0, "best_valid_ppl": math.inf, "train_seconds": 0.0}
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        state = checkpoint["state"]
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        random.setstate(checkpoint["rng"]["python"])
+        if checkpoint["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+        print(f"resuming {out} at epoch {state['epoch']}, batch {state['batch']} (step {state['step']})")
+    dsf_compile.apply(model, config["method"], config["feedback"], seed=config["seed"], compiler=config["compiler"])
+    log = (out / "log.jsonl").open("a")
+
+    def record(**entry) -> None:
+        log.write(json.dumps(entry) + "\n")
+        log.flush()
+
+    def checkpoint_now() -> None:
+        save_checkpoint(checkpoint_path, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                        scheduler=scheduler.state_dict(), state=state, config=config)
+
+    total_steps = steps_per_epoch * config["epochs"]
+    print(f"{config['config']} / {config['method']}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"{steps_per_epoch} steps per epoch, {config['epochs']} epochs, data {data.source}, device {device}")
+    window_loss, window_tokens, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
+    stopped = False
+    while state["epoch"] < config["epochs"] and not stopped:
+        batches = data.train(state["epoch"])
+        for x, y in batches[state["batch"] :]:
+            if config["max_steps"] and state["step"] >= config["max_steps"]:
+                stopped = True
+                break
+            started = time.perf_counter()
+            x, y = x.to(device), y.to(device)
+            loss = masked_cross_entropy(model(x), y, data.pad)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            tokens = int((y != data.pad).sum())
+            state["batch"] += 1
+            state["step"] += 1
+            state["tokens"] += tokens
+            value = loss.item()
+            state["train_seconds"] += time.perf_counter() - started
+            window_loss += value * tokens
+            window_tokens += tokens
+            window_steps += 1
+            if state["step"] % config["log_every"] == 0 or state["step"] == 1:
+                elapsed = time.perf_counter() - window_start
+                mean = window_loss / window_tokens
+                rate = window_tokens / elapsed
+                eta = (total_steps - state["step"]) * elapsed / window_steps
+                print(f"epoch {state['epoch'] + 1} step {state['step']}/{total_steps}  loss {mean:.3f}  "
+                      f"ppl {math.exp(mean):.1f}  {rate:,.0f} tok/s  ETA {eta / 60:.0f} min", flush=True)
+                record(kind="train", step=state["step"], epoch=state["epoch"], tokens=state["tokens"], loss=mean,
+                       ppl=math.exp(mean), tokens_per_s=rate, lr=scheduler.get_last_lr()[0])
+                window_loss, window_tokens, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
+            if config["checkpoint_every"] and state["step"] % config["checkpoint_every"] == 0:
+                checkpoint_now()
+        else:
+            valid = evaluate(model, data, device)
+            state["best_valid_ppl"] = min(state["best_valid_ppl"], valid)
+            state["epoch"] += 1
+            state["batch"] = 0
+            print(f"epoch {state['epoch']}: valid ppl {valid:.2f} (best {state['best_valid_ppl']:.2f})", flush=True)
+            record(kind="valid", epoch=state["epoch"], step=state["step"], tokens=state["tokens"], valid_ppl=valid)
+        checkpoint_now()
+    log.close()
+    summary = {
+        "config": config["config"], "method": config["method"], "best_valid_ppl": state["best_valid_ppl"],
+        "tokens": state["tokens"], "epochs": state["epoch"], "steps": state["step"], "complete": not stopped,
+        "data": data.source, "width": config["width"], "layers": config["layers"], "cell": config["cell"],
+        "train_seconds": state["train_seconds"], "device": device,
+        "deviations": {k: config[k] for k in DEVIATIONS if config[k]}, "settings": config,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

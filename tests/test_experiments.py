@@ -1,0 +1,97 @@
+"""The experiment scripts on tiny synthetic data: protocols end to end, resume, report."""
+
+import json
+import lzma
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
+
+import report  # noqa: E402
+import train  # noqa: E402
+
+WORDS = "the a of to and in that is was he for it with as his on be at by i this had not are but from".split()
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """A PTB-format folder and a Wikipedia-stand-in-format folder of random sentences."""
+    root = tmp_path_factory.mktemp("data")
+    rng = random.Random(0)
+
+    def sentences(n):
+        return "\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 14))) for _ in range(n)) + "\n"
+
+    (root / "ptb").mkdir()
+    (root / "ptb" / "ptb.train.txt").write_text(sentences(120) + "<unk> N\n")
+    (root / "ptb" / "ptb.valid.txt").write_text(sentences(20))
+    (root / "ptb" / "ptb.test.txt").write_text(sentences(20))
+    (root / "wiki").mkdir()
+    with lzma.open(root / "wiki" / "train.txt.xz", "wt") as f:
+        f.write(sentences(300))
+    (root / "wiki" / "valid.txt").write_text(sentences(30))
+    (root / "wiki" / "test.txt").write_text(sentences(30))
+    return root
+
+
+TINY_PTB = ["--config", "ptb", "--width", "8", "--layers", "2", "--batch", "8", "--epochs", "2",
+            "--milestones", "1", "--compiler", "aot_eager", "--log-every", "5", "--checkpoint-every", "0"]
+
+
+def _run(data_root, out, *extra):
+    return train.main([*TINY_PTB, "--data-root", str(data_root), "--out", str(out), *extra])
+
+
+def test_resume_continues_to_identical_results(data_root, tmp_path):
+    whole = _run(data_root, tmp_path / "whole")
+    steps_per_epoch = whole["steps"] // 2
+    interrupted = _run(data_root, tmp_path / "split", "--max-steps", str(steps_per_epoch + 3))
+    assert not interrupted["complete"] and interrupted["steps"] == steps_per_epoch + 3
+    resumed = train.main(["--out", str(tmp_path / "split"), "--resume", "--max-steps", "0"])
+    assert resumed["complete"] and resumed["steps"] == whole["steps"]
+    assert resumed["best_valid_ppl"] == whole["best_valid_ppl"]
+    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    valid = lambda run: [json.loads(line) for line in (tmp_path / run / "log.jsonl").open() if '"valid"' in line]
+    assert [v["valid_ppl"] for v in valid("whole")] == [v["valid_ppl"] for v in valid("split")]
+
+
+def test_refuses_to_overwrite_a_run(data_root, tmp_path):
+    _run(data_root, tmp_path / "run", "--max-steps", "1")
+    with pytest.raises(SystemExit, match="--resume"):
+        _run(data_root, tmp_path / "run")
+
+
+def test_missing_data_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="ptb.train.txt"):
+        train.main([*TINY_PTB, "--data-root", str(tmp_path), "--out", str(tmp_path / "run")])
+
+
+def test_tiny_wiki_protocol_and_report(data_root, tmp_path):
+    runs = []
+    for method in ("bptt", "ft", "dsf"):
+        summary = train.main([
+            "--config", "wiki", "--method", method, "--data-root", str(data_root), "--use-datasets", "false",
+            "--cache", str(tmp_path / "cache"), "--vocab", "300", "--context", "16", "--width", "16",
+            "--layers", "1", "--batch", "4", "--epochs", "1", "--compiler", "aot_eager",
+            "--valid-batches", "3", "--out", str(tmp_path / f"wiki-{method}"),
+        ])
+        assert summary["complete"] and summary["data"] == "wikipedia-stand-in"
+        assert summary["deviations"] == {"valid_batches": 3}
+        assert 1 < summary["best_valid_ppl"] < 300
+        runs.append(tmp_path / f"wiki-{method}")
+    assert len(list((tmp_path / "cache").glob("bpe-300-*.json"))) == 1
+    table = report.main(["--runs", *map(str, runs), "--name", "wiki", "--out", str(tmp_path / "results")])
+    results = json.loads((tmp_path / "results" / "wiki.json").read_text())
+    ppl = {r["method"]: r["best_valid_ppl"] for r in results["runs"]}
+    assert set(ppl) == {"bptt", "ft", "dsf"}
+    closure = (ppl["ft"] - ppl["dsf"]) / (ppl["ft"] - ppl["bptt"])
+    assert f"{100 * closure:.0f}%" in table
+    assert "valid_batches" in table  # deviations are written in the table
+    assert (tmp_path / "results" / "wiki-curves.png").stat().st_size > 1000
