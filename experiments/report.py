@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> str:
     notes: dict[tuple, set] = defaultdict(set)
     for run in runs:
         key = (run["config"], run["layers"], run["width"], run["cell"])
-        groups[key][run["method"]] = run["best_valid_ppl"]
+        if run["best_valid_ppl"] is not None:  # None: stopped before its first validation
+            groups[key][run["method"]] = run["best_valid_ppl"]
         notes[key].add(f"{run['epochs']} epochs, {run['tokens']:,} tokens, data {run['data']}")
         for name, value in run["deviations"].items():
             notes[key].add(f"{name}={value}")

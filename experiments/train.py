@@ -256,7 +256,8 @@ def main(argv: list[str] | None = None) -> dict:
         checkpoint_now()
     log.close()
     summary = {
-        "config": config["config"], "method": config["method"], "best_valid_ppl": state["best_valid_ppl"],
+        "config": config["config"], "method": config["method"],
+        "best_valid_ppl": state["best_valid_ppl"] if math.isfinite(state["best_valid_ppl"]) else None,
         "tokens": state["tokens"], "epochs": state["epoch"], "steps": state["step"], "complete": not stopped,
         "data": data.source, "width": config["width"], "layers": config["layers"], "cell": config["cell"],
         "train_seconds": state["train_seconds"], "device": device,
