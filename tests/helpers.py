@@ -55,24 +55,8 @@ def leaf(t):
     return t.clone().requires_grad_()
 
 
-def run_compiled(module, x, h0, loss_fn, mode, feedback="linspace", compiler="aot_eager"):
-    """Apply dsf_compile to a copy of ``module``; outputs and gradients like the reference's."""
-    model = dsf_compile.apply(copy.deepcopy(module), mode, feedback, compiler=compiler)
-    x, h0 = leaf(x), leaf(h0)
-    out, hidden = model(x) if h0 is None else model(x, h0)
-    hs = hidden if isinstance(hidden, tuple) else (hidden,)
-    loss_fn(out, *hs).backward()
-    grads = {name: p.grad for name, p in model.named_parameters()}
-    grads["x"] = x.grad
-    if h0 is not None:
-        for name, t in zip(("h0", "c0"), h0 if isinstance(h0, tuple) else (h0,)):
-            grads[name] = t.grad
-    return model, (out.detach(), *(h.detach() for h in hs)), grads
-
-
-def run_eager(module, x, h0, loss_fn):
-    """Exact BPTT by plain autograd on the original module."""
-    model = copy.deepcopy(module)
+def _train_once(model, x, h0, loss_fn):
+    """One backward of ``loss_fn`` through ``model``: outputs and every gradient."""
     x, h0 = leaf(x), leaf(h0)
     out, hidden = model(x) if h0 is None else model(x, h0)
     hs = hidden if isinstance(hidden, tuple) else (hidden,)
@@ -83,6 +67,17 @@ def run_eager(module, x, h0, loss_fn):
         for name, t in zip(("h0", "c0"), h0 if isinstance(h0, tuple) else (h0,)):
             grads[name] = t.grad
     return (out.detach(), *(h.detach() for h in hs)), grads
+
+
+def run_compiled(module, x, h0, loss_fn, mode, feedback="linspace", compiler="aot_eager"):
+    """Apply dsf_compile to a copy of ``module``; outputs and gradients like the reference's."""
+    model = dsf_compile.apply(copy.deepcopy(module), mode, feedback, compiler=compiler)
+    return (model, *_train_once(model, x, h0, loss_fn))
+
+
+def run_eager(module, x, h0, loss_fn):
+    """Exact BPTT by plain autograd on the original module."""
+    return _train_once(copy.deepcopy(module), x, h0, loss_fn)
 
 
 def assert_close(got: dict, want: dict, tol: float):
