@@ -86,7 +86,7 @@ def main() -> None:
             rows.append(row)
     meta = {
         "model": f"2-layer hand-written GRU LM, hidden {args.hidden}, batch {args.batch}, vocab 1000",
-        "device": args.device if args.device != "cpu" else f"cpu ({os.cpu_count()} cores, {platform.processor()})",
+        "device": args.device if args.device != "cpu" else f"cpu ({os.cpu_count()} cores, {platform.machine()})",
         "torch": torch.__version__,
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
     }
