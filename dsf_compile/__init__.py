@@ -73,7 +73,13 @@ def _compile_forward(model: nn.Module, dsf_backend: DSFBackend, dynamic: bool | 
     # bound ``_call_impl`` of a bare torch.nn module (``nn.GRU(...).compile()`` silently
     # runs eagerly), an applied model's ``forward`` is our wrapper, and a copy of the model
     # (``copy.deepcopy``) must run with its own parameters, not the original's.
-    return torch.compile(type(model).forward, backend=dsf_backend, dynamic=dynamic)
+    forward = type(model).forward
+    # An earlier plain torch.compile of this class may have marked its forward "skip"
+    # (nn.GRU breaks the graph inside a loop over layers without allow_rnn), which would
+    # make this compile silently run eagerly.  Other compiled models of the class only
+    # lose their cache entries and recompile.
+    torch._C._dynamo.eval_frame.reset_code(forward.__code__)
+    return torch.compile(forward, backend=dsf_backend, dynamic=dynamic)
 
 
 class _GraphBreaks:

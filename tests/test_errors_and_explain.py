@@ -178,3 +178,15 @@ def test_a_copy_of_an_applied_model_trains_its_own_parameters():
     twin(x)[0].sum().backward()
     assert twin.weight_hh_l0.grad is not None and model.weight_hh_l0.grad is None
     assert not torch.allclose(twin(x)[0], model(x)[0])
+
+
+def test_apply_after_a_plain_compile_of_the_same_class_still_rewrites():
+    """Plain torch.compile marks RNNLanguageModel.forward as a frame to skip (nn.GRU breaks
+    the graph inside its loop over layers); apply must not silently inherit that."""
+    from dsf_compile.models import RNNLanguageModel
+
+    tokens = torch.randint(0, 20, (2, 6))
+    torch.compile(RNNLanguageModel(20, 4, 2))(tokens)
+    model = dsf_compile.apply(RNNLanguageModel(20, 4, 2), compiler="aot_eager")
+    model(tokens).sum().backward()
+    assert len(dsf_compile.report(model).loops) == 2

@@ -95,3 +95,18 @@ def test_tiny_wiki_protocol_and_report(data_root, tmp_path):
     assert f"{100 * closure:.0f}%" in table
     assert "valid_batches" in table  # deviations are written in the table
     assert (tmp_path / "results" / "wiki-curves.png").stat().st_size > 1000
+
+
+def test_benchmark_small_runs_every_row(tmp_path):
+    import bench
+
+    result = bench.main(["--small", "--configs", "ptb", "--steps", "2", "--warmup", "0",
+                         "--out", str(tmp_path / "bench")])
+    methods = [(r["model"], r["method"]) for r in result["rows"]]
+    assert methods == [("nn.GRU", m) for m in bench.GRU_METHODS] + [("cell", m) for m in bench.CELL_METHODS]
+    for row in result["rows"]:
+        assert row["step_ms"] > 0 and row["tokens_per_s"] > 0 and 0 < row["backward_share"] < 1
+        if row["method"].startswith("dsf-"):
+            assert row["loops"] >= 2  # the rewrite really happened in the timed model
+    assert result["scan"][0]["scan_ms"] > 0
+    assert "dsf-dsf" in (tmp_path / "bench.md").read_text()
