@@ -529,3 +529,22 @@ def test_loop_over_a_subrange_with_a_seed_slice():
         assert rel_err(p.grad, want) <= 1e-9
     for p, want in zip(compiled.start.parameters(), start_grads):
         assert rel_err(p.grad, want) <= 1e-9
+
+
+class OppositeDirections(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.cell = nn.GRUCell(IN, H)
+
+    def forward(self, x, y):
+        h = x.new_zeros(x.shape[1], H)
+        T = x.shape[0]
+        for t in range(T):
+            h = self.cell(x[t] + y[T - 1 - t], h)
+        return h
+
+
+def test_inputs_read_in_opposite_directions_stay_exact():
+    report = dsf_compile.explain(OppositeDirections(), torch.randn(5, B, IN), torch.randn(5, B, IN))
+    assert report.loops == []
+    assert any("forwards and another backwards" in item.reason for item in report.left_exact)

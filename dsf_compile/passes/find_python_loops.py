@@ -262,7 +262,7 @@ def _segmentations(calls, family):
         begin = start - phase
         if begin < 0 or begin + steps * size > len(calls):
             continue
-        yield [calls[begin + t * size : begin + (t + 1) * size] for t in range(steps)], order
+        yield [calls[begin + t * size : begin + (t + 1) * size] for t in range(steps)]
 
 
 def _looks_like_a_loop(family: StepInputFamily) -> bool:
@@ -292,7 +292,7 @@ def find_python_loops(gm: torch.fx.GraphModule) -> tuple[list[PythonLoop], list[
         try:
             best = None
             reasons = []
-            for segments, order in _segmentations(calls, family):
+            for segments in _segmentations(calls, family):
                 if any(n in used for seg in segments for n in seg):
                     continue
                 try:
@@ -303,11 +303,11 @@ def find_python_loops(gm: torch.fx.GraphModule) -> tuple[list[PythonLoop], list[
                 if not check.carry_slots:
                     reasons.append("no value is carried from one step to the next")
                     continue
-                if best is None or _score(segments, check) < _score(*best[:2]):
-                    best = (segments, check, order)
+                if best is None or _score(segments, check) < _score(*best):
+                    best = (segments, check)
             if best is None:
                 raise NotALoop(reasons[0] if reasons else "no segmentation of the steps fits")
-            loop = _build(gm, *best, families)
+            loop = _build(*best, families)
         except Exception as error:  # never fail compilation over a loop we cannot read: leave it exact
             reason = error if isinstance(error, NotALoop) else f"not understood ({type(error).__name__}: {error})"
             if _looks_like_a_loop(family):
@@ -334,7 +334,7 @@ def random_op_problem(nodes) -> str | None:
     return None
 
 
-def _build(gm, segments, check: _Check, order, families) -> PythonLoop:
+def _build(segments, check: _Check, families) -> PythonLoop:
     carry_positions = sorted(set(check.carry_slots.values()))
     problem = random_op_problem(segments[0])
     if problem:
@@ -364,14 +364,17 @@ def _build(gm, segments, check: _Check, order, families) -> PythonLoop:
     )
     steps = len(segments)
     step_inputs = []
-    reverse = False
+    strides = {s for _, s in check.step_slots.values()}
+    if not strides:
+        raise NotALoop("the steps read no per-step input")
+    if len(strides) != 1:
+        raise NotALoop("the step reads one input forwards and another backwards in time")
+    reverse = strides.pop() < 0
     for family in step_families:
-        stride = next(s for f, s in check.step_slots.values() if f is family)
+        stride = -1 if reverse else 1
         index0 = next(_index_of(family, la) for (k, i), (f, _) in check.step_slots.items() if f is family
                       for la in [_flat_args(first[k])[0][i]])
-        indices = [index0 + t * stride for t in range(steps)]
-        reverse = stride < 0
-        step_inputs.append((family, indices))
+        step_inputs.append((family, [index0 + t * stride for t in range(steps)]))
     paths = [module_path(n).split(".") for n in first if n.meta.get("nn_module_stack")]
     common = paths[0] if paths else []
     for p in paths[1:]:
