@@ -3,12 +3,11 @@
 For ``"dsf"`` and ``"ft"`` (DESIGN.md §1–2):
 
 1. the states are computed once, for values only (``dsf::loop_states``);
-2. the step body is applied to all T steps at once with the previous states shifted
-   in and detached (``vmap`` over time), so each weight is used by one GEMM over T·B
-   rows and the T local VJPs are independent;
-3. a feedback node returns the exact states in the forward and, in the backward,
-   turns the direct gradients ``g`` into ``δ`` with ``dsf::reverse_linear_scan`` and
-   hands ``δ`` to the batched body; the initial carries receive ``λ ⊙ δ_1``.
+2. a feedback node returns them; in its backward it turns the direct gradients ``g``
+   into ``δ`` with ``dsf::reverse_linear_scan``, then takes the VJP of the step body
+   applied to all T steps at once with the previous states shifted in and held
+   constant (``vmap`` over time): each weight gets one GEMM over T·B rows, the T local
+   VJPs being independent; the initial carries receive ``λ ⊙ δ_1``.
 
 For ``"bptt"`` the states come from ``dsf::loop_states`` with autograd: exact.
 """
@@ -24,30 +23,46 @@ from .loop_ir import LoopIR
 MODES = ("dsf", "ft", "bptt")
 
 
-class StateFeedback(torch.autograd.Function):
-    """Identity on the states forward; backward replaces BPTT by ``δ_t = g_t + λ ⊙ δ_{t±1}``.
+class DiagonalFeedback(torch.autograd.Function):
+    """A loop's states, with the DSF backward.
 
-    Inputs: ``lam``, ``backwards`` (False for reverse-time loops), the number of
-    carries ``n``, then ``n`` exact state sequences, ``n`` recomputed ones (the batched
-    body, through which ``δ`` reaches weights and inputs) and ``n`` initial carries.
+    Forward: returns the exact states (computed beforehand, without autograd).
+    Backward: ``δ = reverse_linear_scan(g, λ)`` against the loop's direction, then one
+    VJP of the step body vmapped over all T steps (previous states shifted in, held
+    constant) for the per-step inputs and invariants; the initial carries get ``λ ⊙ δ_1``.
+    The batched recomputation lives in the backward, so the forward is the fused
+    recurrence alone and nothing of the body is kept for the backward but its inputs.
     """
 
     @staticmethod
-    def forward(ctx, lam: Tensor, backwards: bool, n: int, *tensors: Tensor):
-        ctx.save_for_backward(lam)
-        ctx.backwards, ctx.n = backwards, n
-        ctx.sizes = [t.shape[-1] for t in tensors[:n]]
-        return tuple(t.view_as(t) for t in tensors[:n])
+    def forward(ctx, loop: LoopIR, lam: Tensor, counts: tuple[int, int, int], *tensors: Tensor):
+        n_states, n_inputs, _ = counts
+        ctx.loop, ctx.counts = loop, counts
+        ctx.save_for_backward(lam, *tensors)
+        return tuple(t.view_as(t) for t in tensors[:n_states])
 
     @staticmethod
     def backward(ctx, *grads: Tensor):
-        (lam,) = ctx.saved_tensors
-        g = torch.cat(grads, -1) if ctx.n > 1 else grads[0]
-        delta = ops.reverse_linear_scan(g, lam, ctx.backwards)
-        first = delta[0] if ctx.backwards else delta[-1]
-        deltas = delta.split(ctx.sizes, -1)
-        inits = (lam.to(first.dtype) * first).split(ctx.sizes, -1)
-        return (None, None, None, *([None] * ctx.n), *deltas, *inits)
+        loop = ctx.loop
+        n_states, n_inputs, _ = ctx.counts
+        lam, *saved = ctx.saved_tensors
+        states = saved[:n_states]
+        step_inputs = saved[n_states : n_states + n_inputs]
+        init = saved[n_states + n_inputs : 2 * n_states + n_inputs]
+        invariants = saved[2 * n_states + n_inputs :]
+        sizes = [s.shape[-1] for s in states]
+        g = torch.cat(grads, -1) if n_states > 1 else grads[0]
+        delta = ops.reverse_linear_scan(g, lam, not loop.reverse)
+        first = delta[-1] if loop.reverse else delta[0]
+        previous = [previous_states(s, c, loop.reverse) for s, c in zip(states, init)]
+
+        def body_over_time(xs, ws):
+            return tuple(batched_body(loop, list(xs), previous, list(ws)))
+
+        _, vjp = torch.func.vjp(body_over_time, tuple(step_inputs), tuple(invariants))
+        step_grads, invariant_grads = vjp(tuple(delta.split(sizes, -1)))
+        init_grads = (lam.to(first.dtype) * first).split(sizes, -1)
+        return (None, None, None, *([None] * n_states), *step_grads, *init_grads, *invariant_grads)
 
 
 def previous_states(states: Tensor, init: Tensor, reverse: bool) -> Tensor:
@@ -77,7 +92,5 @@ def run_loop(
         return ops.loop_states(kernel, loop.reverse, step_inputs, init_carries, invariants)
     detached = [[t.detach() for t in group] for group in (step_inputs, init_carries, invariants)]
     states = ops.loop_states(kernel, loop.reverse, *detached)
-    previous = [previous_states(s, c.detach(), loop.reverse) for s, c in zip(states, init_carries)]
-    recomputed = batched_body(loop, step_inputs, previous, invariants)
-    n = len(states)
-    return list(StateFeedback.apply(lam, not loop.reverse, n, *states, *recomputed, *init_carries))
+    counts = (len(states), len(step_inputs), len(invariants))
+    return list(DiagonalFeedback.apply(loop, lam, counts, *states, *step_inputs, *init_carries, *invariants))

@@ -130,9 +130,12 @@ def test_backward_graph_has_one_scan_per_loop_and_no_per_step_matmuls():
         model = dsf_compile.apply(module, compiler="aot_eager", dynamic=False)
         out, h = model(torch.randn(T, 3, 4, dtype=torch.float64, requires_grad=True))
         (out.sum() + h.sum()).backward()
-        graphs = [g for kind, g in model._dsf_backend.graphs if kind == "backward"]
-        assert len(graphs) == 1
-        return graphs[0]
+        graphs = dict(model._dsf_backend.graphs)
+        assert len(model._dsf_backend.graphs) == 2
+        # the forward is the fused recurrence alone: the batched step lives in the backward
+        assert count(graphs["forward"], ["dsf.loop_states"]) == 4
+        assert count(graphs["forward"], ["aten.mm", "aten.addmm", "aten.bmm"]) == 0
+        return graphs["backward"]
 
     def count(graph, names):
         return sum(1 for n in graph.graph.nodes if n.op == "call_function" and any(s in str(n.target) for s in names))
