@@ -163,8 +163,10 @@ def apply(
     linspace(0, 1, state size), the paper's choice), ``"uniform"`` (U[0, 1) drawn from
     ``seed``, different per loop), a float, a 1-D tensor (for every loop of that state
     size) or a callable ``LoopIR -> λ``.  ``strict=True`` makes anything that would be
-    left exact an error.  Parameter names and ``state_dict`` keys are unchanged; the
-    same object is returned.  See :func:`report` for what was rewritten.
+    left exact an error.  ``compiler``: ``"inductor"``, or ``"aot_eager"`` to run the
+    rewritten graphs without code generation (fast to build; debugging, tests).
+    ``dynamic`` is passed to ``torch.compile``.  Parameter names and ``state_dict`` keys
+    are unchanged; the same object is returned.  See :func:`report` for what was rewritten.
     """
     dsf_backend = backend(mode, feedback, seed=seed, strict=strict, compiler=compiler)
     model.forward = _CompiledForward(model, _compile_forward(model, dsf_backend, dynamic), dsf_backend)
