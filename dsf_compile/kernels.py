@@ -50,7 +50,7 @@ def _run_body(body: HoistedBody, x_steps: list[Tensor], carries: list[Tensor], i
     """A plain loop over the recurrent part of the step, the rest done for all T at once."""
     if body.pre is not None:
         in_dims = (0,) * len(x_steps) + (None,) * len(invariants)
-        with eager_dispatch():
+        with eager_dispatch(grad=torch.is_grad_enabled()):
             x_steps = list(torch.func.vmap(body.pre, in_dims=in_dims)(*x_steps, *invariants))
     states: list[list[Tensor]] = [[] for _ in carries]
     for t in range(x_steps[0].shape[0]):
