@@ -620,3 +620,25 @@ def _run(cell, x, h):
     for t in range(x.shape[1]):
         h = cell(x[:, t], h)
         yield h
+
+
+@pytest.mark.parametrize("cls,args", [
+    (GRUCellLoop, lambda: (torch.randn(B, 5, IN), torch.randn(B, H))),
+    (ReversedLSTMCellLoop, lambda: (torch.randn(5, B, IN), torch.randn(B, H), torch.randn(B, H))),
+])
+def test_fused_cell_ops_are_written_out_so_their_input_projection_is_hoisted(cls, args):
+    from dsf_compile.passes.find_python_loops import find_python_loops
+    from dsf_compile.passes.hoist_step_inputs import hoist_step_inputs
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    with dsf_compile.recurrent_ops_visible():
+        torch.compile(cls(), backend=capture)(*args())
+    (found,), _ = find_python_loops(graphs[0])
+    hoisted = hoist_step_inputs(found.loop.body, 1, len(found.loop.carry_sizes))
+    linears = lambda gm: [n for n in gm.graph.nodes if n.op == "call_function" and n.target is F.linear]
+    assert len(linears(hoisted.pre)) == 1 and len(linears(hoisted.rest)) == 1

@@ -17,6 +17,7 @@ the loop.  Anything else is left exact with the reason the check gave.
 
 from __future__ import annotations
 
+import functools
 import operator
 import re
 from dataclasses import dataclass, field
@@ -478,11 +479,26 @@ def _step_graph(first, check: _Check, outputs, carry_positions, step_families, n
         args, kwargs = spec.unflatten(values)
         if first[k].op == "call_method":
             env["internal", k] = graph.call_method(first[k].target, tuple(args), dict(kwargs))
+        elif first[k].target in DECOMPOSED_CELL_OPS:
+            env["internal", k] = _inline_cell(graph, first[k].target, args, kwargs)
         else:
-            target = DECOMPOSED_CELL_OPS.get(first[k].target, first[k].target)
-            env["internal", k] = graph.call_function(target, tuple(args), dict(kwargs))
+            env["internal", k] = graph.call_function(first[k].target, tuple(args), dict(kwargs))
     graph.output(tuple(env["internal", k] for k in outputs))
     return torch.fx.GraphModule(torch.nn.Module(), graph), invariant_nodes
+
+
+@functools.cache
+def _traced_cell(op) -> torch.fx.GraphModule:
+    return torch.fx.symbolic_trace(DECOMPOSED_CELL_OPS[op])
+
+
+def _inline_cell(graph: torch.fx.Graph, op, args, kwargs):
+    """A fused cell op written out in plain ops: vmappable, and its input projection can
+    be hoisted out of the rolled forward like any other input-only work."""
+    traced = _traced_cell(op)
+    placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
+    values = list(args) + [kwargs.get(p.target) for p in placeholders[len(args) :]]
+    return graph.graph_copy(traced.graph, dict(zip(placeholders, values)))
 
 
 def _ancestors(first: list[torch.fx.Node], outputs: list[int], stop: set[int], families) -> set[int]:
