@@ -6,6 +6,7 @@ that finds its recurrent loops and rewrites their backward pass (DESIGN.md §1�
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from typing import Any
@@ -100,9 +101,17 @@ class _GraphBreaks:
                 self.reasons.append(summary)
 
 
-def _unwrap_backend_error(error: Exception) -> Exception:
-    inner = getattr(error, "inner_exception", None)
-    return inner if isinstance(inner, (DSFError, FeedbackError)) else error
+@contextlib.contextmanager
+def _our_errors_unwrapped():
+    """Dynamo wraps errors raised in a backend; ours (bad λ, strict mode) are the user's
+    to read, so re-raise them as they are."""
+    try:
+        yield
+    except Exception as error:
+        inner = getattr(error, "inner_exception", None)
+        if isinstance(inner, (DSFError, FeedbackError)):
+            raise inner from None
+        raise
 
 
 class _CompiledForward:
@@ -119,15 +128,9 @@ class _CompiledForward:
         return _CompiledForward(copy.deepcopy(self.model, memo), self.compiled, self.backend)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            with recurrent_ops_visible(), _GraphBreaks() as breaks:
-                out = self.compiled(self.model, *args, **kwargs)
-            self.backend.graph_breaks.extend(b for b in breaks if b not in self.backend.graph_breaks)
-        except Exception as error:
-            unwrapped = _unwrap_backend_error(error)
-            if unwrapped is error:
-                raise
-            raise unwrapped from None
+        with _our_errors_unwrapped(), recurrent_ops_visible(), _GraphBreaks() as breaks:
+            out = self.compiled(self.model, *args, **kwargs)
+        self.backend.graph_breaks.extend(b for b in breaks if b not in self.backend.graph_breaks)
         if not self._checked:
             self._checked = True
             self._warn_if_nothing_found()
@@ -195,13 +198,7 @@ def explain(
     itself is not changed."""
     probe = backend(mode, feedback, seed=seed, compiler="none")
     compiled = _compile_forward(model, probe, dynamic=False)
-    try:
-        with recurrent_ops_visible(), torch.no_grad(), _GraphBreaks() as breaks:
-            compiled(model, *example_args, **example_kwargs)
-    except Exception as error:
-        unwrapped = _unwrap_backend_error(error)
-        if unwrapped is error:
-            raise
-        raise unwrapped from None
+    with _our_errors_unwrapped(), recurrent_ops_visible(), torch.no_grad(), _GraphBreaks() as breaks:
+        compiled(model, *example_args, **example_kwargs)
     probe.graph_breaks.extend(breaks)
     return probe.report

@@ -35,8 +35,8 @@ class DiagonalFeedback(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, loop: LoopIR, lam: Tensor, counts: tuple[int, int, int], *tensors: Tensor):
-        n_states, n_inputs, _ = counts
+    def forward(ctx, loop: LoopIR, lam: Tensor, counts: tuple[int, int], *tensors: Tensor):
+        n_states, _ = counts
         ctx.loop, ctx.counts = loop, counts
         ctx.save_for_backward(lam, *tensors)
         return tuple(t.view_as(t) for t in tensors[:n_states])
@@ -44,7 +44,7 @@ class DiagonalFeedback(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: Tensor):
         loop = ctx.loop
-        n_states, n_inputs, _ = ctx.counts
+        n_states, n_inputs = ctx.counts
         lam, *saved = ctx.saved_tensors
         states = saved[:n_states]
         step_inputs = saved[n_states : n_states + n_inputs]
@@ -92,5 +92,5 @@ def run_loop(
         return ops.loop_states(kernel, loop.reverse, step_inputs, init_carries, invariants)
     detached = [[t.detach() for t in group] for group in (step_inputs, init_carries, invariants)]
     states = ops.loop_states(kernel, loop.reverse, *detached)
-    counts = (len(states), len(step_inputs), len(invariants))
+    counts = (len(states), len(step_inputs))  # the rest of the tensors are invariants
     return list(DiagonalFeedback.apply(loop, lam, counts, *states, *step_inputs, *init_carries, *invariants))

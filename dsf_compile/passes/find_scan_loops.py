@@ -33,9 +33,7 @@ class ScanLoop:
 
 
 def _is_scan(node: torch.fx.Node) -> bool:
-    return node.op == "call_function" and getattr(node.target, "__name__", "") == "scan" and hasattr(
-        torch.ops.higher_order, "scan"
-    ) and node.target is torch.ops.higher_order.scan
+    return node.op == "call_function" and node.target is getattr(torch.ops.higher_order, "scan", None)
 
 
 def find_scan_loops(gm: torch.fx.GraphModule) -> tuple[list[ScanLoop], list[LeftExact]]:
