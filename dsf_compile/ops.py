@@ -4,7 +4,9 @@ They are opaque to AOTAutograd and Inductor on purpose: each is one node whateve
 sequence length, so compile time does not grow with T, and each picks the fastest
 implementation for the device at run time.
 
-* ``dsf::reverse_linear_scan`` — the DSF feedback recurrence ``δ_t = g_t + λ ⊙ δ_{t+1}``.
+* ``dsf::reverse_linear_scan`` — the DSF feedback recurrence ``δ_t = g_t + λ ⊙ δ_{t+1}``
+  where Triton cannot run it (a plain loop on CPU; :func:`reverse_linear_scan` picks the
+  Triton kernels of :mod:`dsf_compile.triton_scan`, which Inductor schedules, on CUDA).
 * ``dsf::loop_states`` — every state of a loop with a known kernel (cuDNN for nn.GRU...).
   Differentiable (exact BPTT, by recomputing with autograd in the backward) for mode
   ``"bptt"``; the DSF/FT rewrites call it on detached inputs, for values only.
@@ -15,28 +17,44 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import triton_scan
 from .kernels import eager_dispatch, run_kernel
 
 
-@torch.library.custom_op("dsf::reverse_linear_scan", mutates_args=())
-def reverse_linear_scan(g: Tensor, lam: Tensor, backwards: bool) -> Tensor:
+def reverse_linear_scan(g: Tensor, lam: Tensor, backwards: bool = True) -> Tensor:
     """``δ_t = g_t + λ ⊙ δ_{t+1}`` over dim 0 with ``δ_{T+1} = 0`` (``backwards``), or
-    ``δ_t = g_t + λ ⊙ δ_{t-1}`` with ``δ_0 = 0`` (not ``backwards``, for reverse-time loops).
+    ``δ_t = g_t + λ ⊙ δ_{t-1}`` with ``δ_0 = 0``; ``g`` is ``(T, ..., S)``, ``lam`` ``(S,)``.
 
-    ``g`` is ``(T, ..., S)`` and ``lam`` is ``(S,)``.  A plain loop of fused
-    multiply-adds: on a CPU it beats every scan formulation (DESIGN.md §6).
+    The Triton kernels where they run (CUDA), else the opaque ``dsf::reverse_linear_scan``.
     """
+    lam = lam.to(accumulator_dtype(g.dtype))
+    if triton_scan.runs_on(g.device):
+        return triton_scan.linear_scan(g, lam, backwards)
+    return opaque_linear_scan(g, lam, backwards)
+
+
+@torch.library.custom_op("dsf::reverse_linear_scan", mutates_args=())
+def opaque_linear_scan(g: Tensor, lam: Tensor, backwards: bool) -> Tensor:
+    """:func:`reverse_linear_scan` as one opaque op.  On a CPU a plain loop of fused
+    multiply-adds, which beats every scan formulation there (DESIGN.md §6); on CUDA without
+    Triton the chunked form."""
     delta = torch.empty_like(g)
     steps = range(g.shape[0] - 1, -1, -1) if backwards else range(g.shape[0])
-    lam = lam.to(g.dtype)
+    lam = lam.to(accumulator_dtype(g.dtype))
     acc = None
     for t in steps:
-        acc = g[t] if acc is None else torch.addcmul(g[t], lam, acc)
+        step = g[t].to(lam.dtype)
+        acc = step if acc is None else torch.addcmul(step, lam, acc)
         delta[t] = acc
     return delta
 
 
-@reverse_linear_scan.register_fake
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Scans accumulate in float32 at least: δ sums many terms of decaying size."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+@opaque_linear_scan.register_fake
 def _(g: Tensor, lam: Tensor, backwards: bool) -> Tensor:
     return torch.empty_like(g)
 
@@ -45,10 +63,11 @@ def chunked_linear_scan(g: Tensor, lam: Tensor, backwards: bool, chunk: int = 16
     """The same recurrence in T/chunk sequential steps instead of T: inside a chunk,
     ``δ_i = Σ_{j≥i} λ^{j−i} g_j`` is one batched contraction with a (chunk × chunk × S)
     matrix of powers of λ; chunks are then linked by ``λ^{chunk−i}`` times the next
-    chunk's first δ.  Few, large kernels: the CUDA implementation."""
+    chunk's first δ.  Few, large kernels: the CUDA kernel of the opaque op."""
     if not backwards:
         return chunked_linear_scan(g.flip(0), lam, True, chunk).flip(0)
-    length, shape = g.shape[0], g.shape
+    length, shape, dtype = g.shape[0], g.shape, g.dtype
+    g = g.to(accumulator_dtype(dtype))
     lam = lam.to(g.dtype)
     chunks = -(-length // chunk)
     rows = g.reshape(length, -1, lam.shape[0])
@@ -69,10 +88,10 @@ def chunked_linear_scan(g: Tensor, lam: Tensor, backwards: bool, chunk: int = 16
     following = torch.stack(firsts[::-1])
     decay = lam ** (chunk - steps)[:, None].to(g.dtype)
     delta = local + decay[None, :, None, :] * following[:, None]
-    return delta.reshape(chunks * chunk, *shape[1:])[:length]
+    return delta.reshape(chunks * chunk, *shape[1:])[:length].to(dtype)
 
 
-@reverse_linear_scan.register_kernel("cuda")
+@opaque_linear_scan.register_kernel("cuda")
 def _(g: Tensor, lam: Tensor, backwards: bool) -> Tensor:
     return chunked_linear_scan(g, lam, backwards)
 

@@ -81,15 +81,21 @@ def batched_body(loop: LoopIR, step_inputs: list[Tensor], previous: list[Tensor]
 def run_loop(
     loop: LoopIR,
     mode: str,
-    lam: Tensor | None,
+    lam_values: list[float] | None,
     step_inputs: list[Tensor],
     init_carries: list[Tensor],
     invariants: list[Tensor],
 ) -> list[Tensor]:
-    """All states ``(T, B, size)`` of ``loop``, one per carry, with ``mode``'s gradients."""
+    """All states ``(T, B, size)`` of ``loop``, one per carry, with ``mode``'s gradients.
+
+    λ enters the traced program as floats turned into a tensor inside it (a tensor
+    captured from the backend would be a real tensor among fake ones), in float32 even
+    for 16-bit models, whose rounding would turn decays near 1 into 1."""
     kernel = loop.forward_kernel
     if mode == "bptt":
         return ops.loop_states(kernel, loop.reverse, step_inputs, init_carries, invariants)
+    reference = init_carries[0]
+    lam = torch.tensor(lam_values, dtype=ops.accumulator_dtype(reference.dtype), device=reference.device)
     detached = [[t.detach() for t in group] for group in (step_inputs, init_carries, invariants)]
     states = ops.loop_states(kernel, loop.reverse, *detached)
     counts = (len(states), len(step_inputs))  # the rest of the tensors are invariants

@@ -27,9 +27,7 @@ def make_loop_runner(loop: LoopIR, epilogue: torch.fx.GraphModule | None, mode: 
     lam_values = None if lam is None else lam.tolist()
 
     def runner(step_inputs: list[Tensor], init: list[Tensor], invariants: list[Tensor], extra: list[Tensor]):
-        reference = init[0]
-        lam_t = None if lam_values is None else torch.tensor(lam_values, dtype=reference.dtype, device=reference.device)
-        states = run_loop(loop, mode, lam_t, list(step_inputs), list(init), list(invariants))
+        states = run_loop(loop, mode, lam_values, list(step_inputs), list(init), list(invariants))
         if epilogue is None:
             return tuple(states)
         previous = [previous_states(s, c, loop.reverse) for s, c in zip(states, init)]

@@ -19,8 +19,6 @@ def make_site_runner(site: RecurrentOpSite, mode: str, lams: list[Tensor | None]
     """A function with ``torch.<kind>``'s signature computing it loop by loop."""
     directions = 2 if site.bidirectional else 1
     per_loop = site.weights_per_loop
-    # λ enters the traced program as a list of floats turned into a tensor inside it:
-    # a tensor captured from here would be a real tensor among fake ones.
     lam_values = [None if lam is None else lam.tolist() for lam in lams]
 
     def runner(x: Tensor, hx, params, *_static):
@@ -33,11 +31,9 @@ def make_site_runner(site: RecurrentOpSite, mode: str, lams: list[Tensor | None]
             for direction in range(directions):
                 index = layer * directions + direction
                 loop = site.loops[index]
-                values = lam_values[index]
-                lam = None if values is None else torch.tensor(values, dtype=x.dtype, device=x.device)
                 weights = list(params[index * per_loop : (index + 1) * per_loop])
                 init = [c[index] for c in carries0]
-                states = run_loop(loop, mode, lam, [x], init, weights)
+                states = run_loop(loop, mode, lam_values[index], [x], init, weights)
                 outputs.append(states[0])
                 finals.append([s[0] if loop.reverse else s[-1] for s in states])
             x = outputs[0] if directions == 1 else torch.cat(outputs, -1)
