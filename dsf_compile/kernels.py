@@ -1,15 +1,20 @@
-"""Whole-sequence forward kernels: every state of a loop, computed eagerly.
+"""Whole-sequence forward kernels: every state of a loop at once.
 
 A loop's ``forward_kernel`` is either the name of a cell of :mod:`dsf_compile.cells`
-(cuDNN-backed for nn.RNN/GRU/LSTM) or the key of a registered step body, run as a plain
-loop.  Kernels are asked for values (and, in exact mode, differentiated by autograd
-inside ``dsf::loop_states_backward``); the rewrites supply DSF gradients themselves.
+(cuDNN-backed for nn.RNN/GRU/LSTM) or the key of a registered step body, run as a rolled
+loop: its input-only part hoisted and done for all T at once, then the recurrent rest
+stepped T times (on CUDA compiled by Inductor and replayed as one CUDA graph).  Kernels
+are asked for values (and, in exact mode, differentiated by autograd inside
+``dsf::loop_states_backward``); the rewrites supply DSF gradients themselves.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
+from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -19,6 +24,10 @@ from .loop_ir import LoopIR
 from .passes.hoist_step_inputs import HoistedBody, hoist_step_inputs
 
 _BODIES: dict[str, HoistedBody] = {}
+_COMPILED_STEPS: dict[tuple, Callable] = {}
+# One graph holds its loop's buffers: keep those of the few latest signatures (shapes).
+GRAPH_CACHE_SIZE = 8
+_GRAPHS: OrderedDict[tuple, GraphedLoop] = OrderedDict()
 # The dispatcher state of ordinary eager code, read when this module is imported.
 _EAGER_INCLUDE = torch._C._dispatch_tls_local_include_set()
 _EAGER_EXCLUDE = torch._C._dispatch_tls_local_exclude_set()
@@ -46,18 +55,112 @@ def register_body(loop: LoopIR) -> str:
     return key
 
 
-def _run_body(body: HoistedBody, x_steps: list[Tensor], carries: list[Tensor], invariants: list[Tensor]):
-    """A plain loop over the recurrent part of the step, the rest done for all T at once."""
+def _run_body(key: str, x_steps: list[Tensor], carries: list[Tensor], invariants: list[Tensor]) -> list[Tensor]:
+    """Every state of a registered body.  Values only on CUDA: one CUDA graph replay of
+    the whole loop over the Inductor-compiled step; otherwise (CPU, or autograd on for
+    exact BPTT's recomputation) an eager loop."""
+    if x_steps[0].is_cuda and not torch.is_grad_enabled():
+        return graphed_loop(key, x_steps, carries, invariants)
+    return stepped_states(_BODIES[key], _BODIES[key].rest, x_steps, carries, invariants)
+
+
+def stepped_states(
+    body: HoistedBody, step: Callable, x_steps: list[Tensor], carries: list[Tensor], invariants: list[Tensor]
+) -> list[Tensor]:
+    """A plain loop of ``step`` (the recurrent part of ``body``) over time, the input-only
+    part of the step done for all T at once before it."""
     if body.pre is not None:
         in_dims = (0,) * len(x_steps) + (None,) * len(invariants)
         with eager_dispatch(grad=torch.is_grad_enabled()):
             x_steps = list(torch.func.vmap(body.pre, in_dims=in_dims)(*x_steps, *invariants))
     states: list[list[Tensor]] = [[] for _ in carries]
     for t in range(x_steps[0].shape[0]):
-        carries = list(body.rest(*(x[t] for x in x_steps), *carries, *invariants))
+        carries = list(step(*(x[t] for x in x_steps), *carries, *invariants))
         for seq, c in zip(states, carries):
             seq.append(c)
     return [torch.stack(seq) for seq in states]
+
+
+def compiled_step(key: str, example_inputs: list[Tensor]) -> Callable:
+    """The recurrent part of body ``key`` compiled by Inductor for inputs like
+    ``example_inputs`` (static shapes, values only), cached per signature."""
+    signature = (key, _signature(example_inputs))
+    if signature not in _COMPILED_STEPS:
+        from torch._inductor.compile_fx import compile_fx
+
+        rest = _BODIES[key].rest
+        graph = torch.fx.GraphModule(rest, copy.deepcopy(rest.graph))
+        with eager_dispatch(grad=False):
+            _COMPILED_STEPS[signature] = compile_fx(graph, list(example_inputs))
+    return _COMPILED_STEPS[signature]
+
+
+def step_inputs_of(body: HoistedBody, x_steps: list[Tensor], carries: list[Tensor], invariants: list[Tensor]):
+    """Example inputs of ``body.rest`` for one step of this loop."""
+    if body.pre is not None:
+        in_dims = (0,) * len(x_steps) + (None,) * len(invariants)
+        with eager_dispatch(grad=False):
+            hoisted = torch.func.vmap(body.pre, in_dims=in_dims)(*(x[:1] for x in x_steps), *invariants)
+        x_steps = list(hoisted)
+    return [*(x[0] for x in x_steps), *carries, *invariants]
+
+
+class GraphedLoop:
+    """A whole rolled forward as one CUDA graph: the hoisted input-only work, then T steps
+    of the compiled recurrent part, replayed with no host work per step.  Inputs are
+    copied into the graph's static buffers and the states copied out, so one graph serves
+    every layer with the same signature."""
+
+    def __init__(self, body: HoistedBody, step: Callable, inputs: list[Tensor], counts: tuple[int, int]) -> None:
+        self.static = [t.clone() for t in inputs]
+        self.counts = counts
+        run = lambda: self._states(body, step)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            run()  # outside the capture: cuBLAS handles and workspaces, allocator warm-up
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = run()
+
+    def _states(self, body: HoistedBody, step: Callable) -> list[Tensor]:
+        n_x, n_c = self.counts
+        x_steps, carries, invariants = self.static[:n_x], self.static[n_x : n_x + n_c], self.static[n_x + n_c :]
+        return stepped_states(body, step, x_steps, carries, invariants)
+
+    def __call__(self, inputs: list[Tensor]) -> list[Tensor]:
+        for buffer, value in zip(self.static, inputs):
+            buffer.copy_(value)
+        self.graph.replay()
+        return [o.clone() for o in self.outputs]
+
+
+def graphed_loop(key: str, x_steps: list[Tensor], carries: list[Tensor], invariants: list[Tensor]) -> list[Tensor]:
+    """Every state of body ``key`` on CUDA through a cached :class:`GraphedLoop` (or, while
+    an enclosing CUDA graph is being captured, the same loop captured into that one)."""
+    body = _BODIES[key]
+    inputs = [*x_steps, *carries, *invariants]
+    signature = (key, _signature(inputs))
+    if signature in _GRAPHS:
+        _GRAPHS.move_to_end(signature)
+        return _GRAPHS[signature](inputs)
+    step = compiled_step(key, step_inputs_of(body, x_steps, carries, invariants))
+    if torch.cuda.is_current_stream_capturing():
+        return stepped_states(body, step, x_steps, carries, invariants)
+    _GRAPHS[signature] = GraphedLoop(body, step, inputs, (len(x_steps), len(carries)))
+    while len(_GRAPHS) > GRAPH_CACHE_SIZE:
+        _GRAPHS.popitem(last=False)
+    return _GRAPHS[signature](inputs)
+
+
+def clear_graphs() -> None:
+    """Drop every cached CUDA graph (and the memory its buffers hold)."""
+    _GRAPHS.clear()
+
+
+def _signature(tensors: list[Tensor]) -> tuple:
+    return tuple((tuple(t.shape), t.stride(), t.dtype, t.device) for t in tensors)
 
 
 def run_kernel(
@@ -70,7 +173,7 @@ def run_kernel(
         (x,) = step_inputs
         states = run_cell_layer(kernel, x, carries, invariants)
     elif kernel in _BODIES:
-        states = _run_body(_BODIES[kernel], step_inputs, carries, invariants)
+        states = _run_body(kernel, step_inputs, carries, invariants)
     else:
         raise KeyError(f"unknown loop kernel {kernel!r} (a step body must be registered in this process)")
     return [s.flip(0) for s in states] if reverse else states

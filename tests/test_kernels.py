@@ -1,0 +1,62 @@
+"""Forward kernels of re-rolled loops: the rolled loop over a registered step body."""
+
+import copy
+
+import torch
+
+import dsf_compile
+from dsf_compile import kernels
+from dsf_compile.cells import run_cell_layer, trace_step
+from dsf_compile.loop_ir import LoopIR
+from dsf_compile.models import HandWrittenGRULM
+
+from .helpers import assert_close, rel_err
+
+
+def _gru_body(T=7, B=3, D=5, H=4, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(T * 100 + B)
+    key = kernels.register_body(LoopIR("gru", trace_step("gru", True), ("h",), (H,), 1, 4, False, "test", "test"))
+    x = torch.randn(T, B, D, dtype=dtype, generator=gen)
+    h0 = torch.randn(B, H, dtype=dtype, generator=gen)
+    weights = [torch.randn(s, dtype=dtype, generator=gen) for s in [(3 * H, D), (3 * H, H), (3 * H,), (3 * H,)]]
+    return key, x, h0, weights
+
+
+def test_rolled_loop_over_the_compiled_step_matches_torch_gru():
+    """The Inductor-compiled recurrent part (what CUDA graphs replay) and the eager one
+    compute torch.gru's states."""
+    key, x, h0, weights = _gru_body()
+    body = kernels._BODIES[key]
+    with torch.no_grad():
+        want = run_cell_layer("gru", x, [h0], weights)[0]
+        eager = kernels.stepped_states(body, body.rest, [x], [h0], weights)[0]
+        step = kernels.compiled_step(key, kernels.step_inputs_of(body, [x], [h0], weights))
+        compiled = kernels.stepped_states(body, step, [x], [h0], weights)[0]
+        again = kernels.compiled_step(key, kernels.step_inputs_of(body, [x], [h0], weights))
+    assert again is step
+    assert rel_err(eager, want) <= 1e-12 and rel_err(compiled, want) <= 1e-12
+
+
+def test_compiled_step_inside_an_applied_model(monkeypatch):
+    """The step compiled at run time, from inside the forward op of an applied model (as on
+    CUDA), gives the eager loop's values and gradients."""
+
+    def compiled_loop(key, x_steps, carries, invariants):
+        body = kernels._BODIES[key]
+        step = kernels.compiled_step(key, kernels.step_inputs_of(body, x_steps, carries, invariants))
+        return kernels.stepped_states(body, step, x_steps, carries, invariants)
+
+    torch.manual_seed(3)
+    reference = HandWrittenGRULM(20, 6, 2).double()
+    tokens = torch.randint(0, 20, (2, 8))
+    results = []
+    for patched in (False, True):
+        if patched:
+            monkeypatch.setattr(kernels, "_run_body", compiled_loop)
+        model = dsf_compile.apply(copy.deepcopy(reference), "dsf", compiler="aot_eager")
+        out = model(tokens)
+        out.logsumexp(-1).mean().backward()
+        results.append((out.detach(), {n: p.grad for n, p in model.named_parameters()}))
+        torch._dynamo.reset()
+    assert rel_err(results[1][0], results[0][0]) <= 1e-12
+    assert_close(results[1][1], results[0][1], 1e-12)
