@@ -2,7 +2,7 @@
 only by :func:`dsf_compile.apply`."""
 
 from .blocks import TransformerLikeRNN
-from .cell_lm import HandWrittenGRULM
+from .cell_lm import HandWrittenGRU, HandWrittenGRULM
 from .lm import RNNLanguageModel
 
-__all__ = ["HandWrittenGRULM", "RNNLanguageModel", "TransformerLikeRNN"]
+__all__ = ["HandWrittenGRU", "HandWrittenGRULM", "RNNLanguageModel", "TransformerLikeRNN"]

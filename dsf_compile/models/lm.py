@@ -5,7 +5,11 @@ from __future__ import annotations
 import torch.nn as nn
 from torch import Tensor
 
-CELLS = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
+from .cell_lm import HandWrittenGRU
+
+# "gru-loop": the same GRU written by hand and stepped in a Python loop (re-rolled by
+# dsf_compile instead of being one recurrent op).
+CELLS = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN, "gru-loop": HandWrittenGRU}
 
 
 class RNNLanguageModel(nn.Module):
