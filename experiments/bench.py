@@ -5,23 +5,35 @@ Every row is measured in this one process, side by side, on the same data:
 * nn.GRU language model — ``cudnn-bptt`` (eager), ``compile-bptt`` (plain torch.compile,
   default settings: Dynamo leaves nn.GRU to cuDNN behind a graph break), ``dsf-bptt``,
   ``dsf-ft``, ``dsf-dsf`` (``dsf_compile.apply`` with each mode);
-* hand-written GRU cell loop — ``eager-bptt``, ``compile-bptt``, ``dsf-dsf``.
+* the same model with the GRU written by hand and stepped in a Python loop
+  (``cell="gru-loop"``) — ``eager-bptt``, ``compile-bptt``, ``dsf-dsf``.
 
 Configs (DESIGN.md §4): ``ptb`` (embedding, 3×256 GRU with residual skips, T=64, B=128,
 V=10k), ``wt103`` (3×512 transformer-like blocks, T=256, B=128, V=16k), ``long`` (same
-blocks, T=1024, B=32), and a sweep of T at a fixed token count.  Metrics per row: median
-step ms, tokens/s, peak memory, first-step time, backward share of the step; per config,
-the reverse scan alone against its memory floor.  Writes ``<out>.json`` and ``<out>.md``.
+blocks, T=1024, B=32), and a sweep of T at a fixed token count (nn.GRU rows only).
+Metrics per row: median step ms, tokens/s, peak memory in the timed steps, first-step
+time (Inductor caches off: compilation included), backward share of the step.  Per
+config, the reverse scan alone (each implementation, fp32 and bf16) against its memory
+floor, a device-to-device copy of the same bytes.  A first step that has not finished
+within ``--compile-timeout`` seconds is recorded as such.
+
+Writes ``<out>.json`` and ``<out>.md`` after every row; ``--resume`` keeps the rows
+already in ``<out>.json`` and measures only the missing ones (long benchmarks spread
+over several runs).
 
     python experiments/bench.py                      # all configs (a GPU)
+    python experiments/bench.py --configs wt103 --resume
     python experiments/bench.py --small              # tiny shapes, minutes on a CPU
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import platform
+import signal
 import statistics
 import sys
 import time
@@ -34,7 +46,9 @@ from tabulate import tabulate
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import dsf_compile  # noqa: E402
-from dsf_compile.models import HandWrittenGRULM, RNNLanguageModel, TransformerLikeRNN  # noqa: E402
+from dsf_compile import kernels  # noqa: E402
+from dsf_compile.models import RNNLanguageModel, TransformerLikeRNN  # noqa: E402
+from dsf_compile.ops import chunked_linear_scan, reverse_linear_scan  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 CONFIGS = {
@@ -46,24 +60,22 @@ SMALL = {
     "ptb": dict(model="stack", width=32, layers=2, T=12, B=8, V=200),
     "wt103": dict(model="blocks", width=32, layers=2, T=16, B=8, V=200),
 }
+SWEEP_TOKENS = 32 * 1024
 GRU_METHODS = ("cudnn-bptt", "compile-bptt", "dsf-bptt", "dsf-ft", "dsf-dsf")
 CELL_METHODS = ("eager-bptt", "compile-bptt", "dsf-dsf")
+FAMILIES = {"nn.GRU": ("gru", GRU_METHODS), "cell": ("gru-loop", CELL_METHODS)}
 
 
-def build(config: dict, family: str, method: str, device: str) -> nn.Module:
+def build(config: dict, model: str, method: str, device: str) -> nn.Module:
     torch.manual_seed(0)
-    if family == "cell":
-        model = HandWrittenGRULM(config["V"], config["width"], config["layers"])
-    elif config["model"] == "stack":
-        model = RNNLanguageModel(config["V"], config["width"], config["layers"])
-    else:
-        model = TransformerLikeRNN(config["V"], config["width"], config["layers"])
-    model = model.to(device)
+    cell = FAMILIES[model][0]
+    cls = RNNLanguageModel if config["model"] == "stack" else TransformerLikeRNN
+    net = cls(config["V"], config["width"], config["layers"], cell).to(device)
     if method == "compile-bptt":
-        return torch.compile(model)
+        return torch.compile(net)
     if method.startswith("dsf-"):
-        return dsf_compile.apply(model, method.removeprefix("dsf-"))
-    return model
+        return dsf_compile.apply(net, method.removeprefix("dsf-"))
+    return net
 
 
 def sync(device: str) -> None:
@@ -71,72 +83,131 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(config: dict, family: str, method: str, device: str, steps: int, warmup: int) -> dict:
-    model = build(config, family, method, device)
+class CompileTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise :class:`CompileTimeout` in this (main) thread after ``seconds``."""
+    def expire(signum, frame):
+        raise CompileTimeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def timed_out(error: BaseException | None) -> bool:
+    """Whether ``error`` is, or was raised because of, a :class:`CompileTimeout` (Dynamo
+    wraps exceptions raised while it traces)."""
+    while error is not None:
+        if isinstance(error, CompileTimeout):
+            return True
+        error = getattr(error, "inner_exception", None) or error.__cause__ or error.__context__
+    return False
+
+
+def measure(config: dict, model_kind: str, method: str, device: str, args: argparse.Namespace) -> dict:
+    row = {"config": config["name"], "model": model_kind, "method": method, "T": config["T"], "B": config["B"]}
+    model = build(config, model_kind, method, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     tokens = torch.randint(0, config["V"], (config["B"], config["T"] + 1), device=device)
     x, y = tokens[:, :-1], tokens[:, 1:]
-    loss_of = lambda: nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    loss = loss_of()
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    sync(device)
-    first = time.perf_counter() - start
-    for _ in range(warmup):
-        loss_of().backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    step_ms, forward_ms = [], []
-    for _ in range(steps):
+
+    def step(timed: bool = False):
         sync(device)
         t0 = time.perf_counter()
-        loss = loss_of()
+        loss = nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
         sync(device)
         t1 = time.perf_counter()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync(device)
-        t2 = time.perf_counter()
-        step_ms.append((t2 - t0) * 1e3)
-        forward_ms.append((t1 - t0) * 1e3)
-    median = statistics.median(step_ms)
-    row = {
-        "config": config["name"], "model": "nn.GRU" if family == "gru" else "cell", "method": method,
-        "step_ms": median, "tokens_per_s": config["B"] * config["T"] / (median / 1e3),
-        "first_step_s": first, "backward_share": 1 - statistics.median(forward_ms) / median,
-        "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
-    }
+        return (time.perf_counter() - t0) * 1e3, (t1 - t0) * 1e3
+
+    try:
+        with time_limit(args.compile_timeout):
+            start = time.perf_counter()
+            step()
+            row["first_step_s"] = time.perf_counter() - start
+    except Exception as error:
+        if not timed_out(error):
+            raise
+        row["first_step_s"] = None
+        row["status"] = f"first step not finished in {args.compile_timeout:g} s"
+        return row
+    for _ in range(args.warmup):
+        step()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = [step() for _ in range(args.steps)]
+    median = statistics.median(t for t, _ in times)
+    row.update(
+        step_ms=median, tokens_per_s=config["B"] * config["T"] / (median / 1e3),
+        backward_share=1 - statistics.median(f for _, f in times) / median,
+        peak_mib=torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
+    )
     if method.startswith("dsf-"):
         row["loops"] = len(dsf_compile.report(model).loops)
     return row
 
 
-def scan_against_floor(config: dict, device: str, repeats: int = 20) -> dict:
-    """The reverse scan alone on (T, B, width) fp32 vs reading g and writing δ once."""
-    g = torch.randn(config["T"], config["B"], config["width"], device=device)
-    lam = torch.linspace(0, 1, config["width"], device=device)
-    copy_src = torch.randn(config["T"] * config["B"] * config["width"], device=device)
-    copy_dst = torch.empty_like(copy_src)
+def release(device: str) -> None:
+    """Free what one row held before the next is measured."""
+    torch._dynamo.reset()
+    kernels.clear_graphs()
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
-    def timed(fn) -> float:
-        fn()
+
+def timed_ms(fn, inputs: tuple, device: str, repeats: int) -> float:
+    fn(*inputs)
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(*inputs)
         sync(device)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times) * 1e3
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
 
-    scan_ms = timed(lambda: dsf_compile.reverse_linear_scan(g, lam, True))
-    copy_ms = timed(lambda: copy_dst.copy_(copy_src))  # the same bytes moved at this device's copy rate
-    return {"config": config["name"], "scan_ms": scan_ms, "floor_ms": copy_ms, "ratio": scan_ms / copy_ms}
+
+def scan_against_floor(config: dict, device: str, repeats: int = 20) -> list[dict]:
+    """The reverse scan alone on a ``(T, B, width)`` gradient, each implementation in
+    fp32 and bf16, against a copy of the same bytes (read g once, write δ once)."""
+    implementations = {"dsf (default)": lambda g, lam: reverse_linear_scan(g, lam, True)}
+    if device == "cuda":  # on a CPU the default is the eager loop
+        implementations["chunked matmul"] = lambda g, lam: chunked_linear_scan(g, lam, True)
+        implementations["eager loop"] = _python_loop_scan
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        g = torch.randn(config["T"], config["B"], config["width"], device=device, dtype=dtype)
+        lam = torch.linspace(0, 1, config["width"], device=device)
+        source = g.flatten().clone()
+        target = torch.empty_like(source)
+        floor = timed_ms(torch.Tensor.copy_, (target, source), device, repeats)
+        for name, fn in implementations.items():
+            ms = timed_ms(fn, (g, lam), device, repeats)
+            rows.append({"config": config["name"], "dtype": str(dtype).removeprefix("torch."), "implementation": name,
+                         "elements": g.numel(), "scan_ms": ms, "floor_ms": floor, "ratio": ms / floor})
+    return rows
+
+
+def _python_loop_scan(g: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """The recurrence as T eager kernels (the baseline every scan form must beat)."""
+    delta = torch.empty_like(g)
+    acc = torch.zeros_like(g[0], dtype=torch.float32)
+    for t in range(g.shape[0] - 1, -1, -1):
+        acc = torch.addcmul(g[t].float(), lam, acc)
+        delta[t] = acc
+    return delta
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -145,53 +216,87 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--small", action="store_true", help="tiny shapes: a CPU run in minutes")
     parser.add_argument("--sweep", type=int, nargs="*", default=None,
                         help="T values of the sweep at a fixed token count (default 64…4096; none with --small)")
+    parser.add_argument("--methods", nargs="*", default=None, help="only these methods (e.g. cudnn-bptt dsf-dsf)")
+    parser.add_argument("--skip", nargs="*", default=[], help="methods not to run (e.g. compile-bptt)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--skip", nargs="*", default=[], help="methods not to run (e.g. compile-bptt)")
+    parser.add_argument("--compile-timeout", type=float, default=480.0,
+                        help="seconds a first step (compilation included) may take before the row is given up")
+    parser.add_argument("--no-scan", action="store_true", help="skip the scan-alone measurements")
     parser.add_argument("--warm-caches", action="store_true",
                         help="let Inductor reuse earlier compilations (first-step times are then not cold)")
+    parser.add_argument("--resume", action="store_true", help="keep the rows already in <out>.json")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     with torch.compiler.config.patch(force_disable_caches=not args.warm_caches):
         return run(args)
 
 
+def configs_of(args: argparse.Namespace) -> list[dict]:
+    table = SMALL if args.small else CONFIGS
+    configs = [{"name": name, **table[name]} for name in (args.configs or table) if name in table]
+    sweep = args.sweep if args.sweep is not None else ([] if args.small or args.configs else [64, 256, 1024, 4096])
+    for T in sweep:
+        configs.append({"name": f"sweep-T{T}", **CONFIGS["long"], "T": T, "B": max(1, SWEEP_TOKENS // T)})
+    return configs
+
+
 def run(args: argparse.Namespace) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    table = SMALL if args.small else CONFIGS
-    configs = [{"name": name, **table[name]} for name in (args.configs or table)]
-    sweep = args.sweep if args.sweep is not None else ([] if args.small else [64, 256, 1024, 4096])
-    for T in sweep:
-        configs.append({"name": f"sweep-T{T}", **CONFIGS["long"], "T": T, "B": max(1, 32 * 1024 // T)})
-    rows, scans = [], []
-    for config in configs:
-        for family, methods in (("gru", GRU_METHODS), ("cell", CELL_METHODS)):
-            if family == "cell" and config["name"].startswith("sweep"):
-                continue
-            for method in methods:
-                if method in args.skip:
-                    continue
-                row = measure(config, family, method, device, args.steps, args.warmup)
-                print(json.dumps(row), flush=True)
-                rows.append(row)
-        scans.append(scan_against_floor(config, device))
     name = torch.cuda.get_device_name() if device == "cuda" else f"cpu-{platform.machine()}"
     out = Path(args.out or ROOT / "results" / f"bench-{name.replace(' ', '-')}{'-small' if args.small else ''}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"device": name, "torch": torch.__version__, "command": " ".join(["python", *sys.argv]),
-              "rows": rows, "scan": scans}
+    result = {"device": name, "torch": torch.__version__, "tf32": True, "rows": [], "scan": []}
+    if args.resume and out.with_suffix(".json").is_file():
+        result = json.loads(out.with_suffix(".json").read_text())
+    result["command"] = " ".join(["python", *sys.argv[1:]] if __name__ == "__main__" else ["bench.main"])
+    done = {(r["config"], r["model"], r["method"]) for r in result["rows"]}
+    for config in configs_of(args):
+        for model_kind, (_, methods) in FAMILIES.items():
+            if model_kind == "cell" and config["name"].startswith("sweep"):
+                continue
+            for method in methods:
+                wanted = (args.methods is None or method in args.methods) and method not in args.skip
+                if not wanted or (config["name"], model_kind, method) in done:
+                    continue
+                row = measure(config, model_kind, method, device, args)
+                release(device)
+                print(json.dumps(row), flush=True)
+                result["rows"].append(row)
+                write(result, out)
+        if not args.no_scan and not any(s["config"] == config["name"] for s in result["scan"]):
+            result["scan"].extend(scan_against_floor(config, device))
+            write(result, out)
+    print(out.with_suffix(".md").read_text())
+    return result
+
+
+def write(result: dict, out: Path) -> None:
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(result))
+
+
+def markdown(result: dict) -> str:
     fmt = lambda v: "-" if v is None else (f"{v:.3g}" if isinstance(v, float) else v)
     keys = ["config", "model", "method", "step_ms", "tokens_per_s", "peak_mib", "first_step_s", "backward_share"]
-    markdown = (f"# Training step, {name}, torch {torch.__version__}\n\nProduced by `{result['command']}`.\n\n"
-                + tabulate([[fmt(r.get(k)) for k in keys] for r in rows], headers=keys, tablefmt="github")
-                + "\n\nReverse scan alone vs a copy of the same bytes:\n\n"
-                + tabulate([[s["config"], fmt(s["scan_ms"]), fmt(s["floor_ms"]), fmt(s["ratio"])] for s in scans],
-                           headers=["config", "scan ms", "floor ms", "ratio"], tablefmt="github") + "\n")
-    out.with_suffix(".md").write_text(markdown)
-    print(markdown)
-    return result
+    speedups = []
+    for row in result["rows"]:
+        base = next((r for r in result["rows"] if r["config"] == row["config"] and r["model"] == row["model"]
+                     and r["method"] in ("cudnn-bptt", "eager-bptt") and r.get("step_ms")), None)
+        speedups.append(base["step_ms"] / row["step_ms"] if base and row.get("step_ms") else None)
+    table = [[fmt(r.get(k)) for k in keys] + [fmt(s), r.get("status", "")] for r, s in zip(result["rows"], speedups)]
+    text = (f"# Training step, {result['device']}, torch {result['torch']}, TF32 {'on' if result['tf32'] else 'off'}"
+            f"\n\nProduced by `{result['command']}`.  Speed-up: the eager BPTT row of the same config and model "
+            "(cuDNN for nn.GRU) over this row.\n\n"
+            + tabulate(table, headers=[*keys, "speed-up", "status"], tablefmt="github") + "\n")
+    if result["scan"]:
+        text += ("\n## Reverse scan alone vs a copy of the same bytes (the memory floor)\n\n"
+                 + tabulate([[s["config"], s["dtype"], s["implementation"], s["elements"], fmt(s["scan_ms"]),
+                              fmt(s["floor_ms"]), fmt(s["ratio"])] for s in result["scan"]],
+                            headers=["config", "dtype", "implementation", "elements", "scan ms", "floor ms",
+                                     "ratio"], tablefmt="github") + "\n")
+    return text
 
 
 if __name__ == "__main__":

@@ -97,16 +97,34 @@ def test_tiny_wiki_protocol_and_report(data_root, tmp_path):
     assert (tmp_path / "results" / "wiki-curves.png").stat().st_size > 1000
 
 
-def test_benchmark_small_runs_every_row(tmp_path):
+def test_benchmark_small_runs_every_row_and_resumes(tmp_path):
     import bench
 
-    result = bench.main(["--small", "--configs", "ptb", "--steps", "2", "--warmup", "0",
-                         "--out", str(tmp_path / "bench")])
+    out = str(tmp_path / "bench")
+    common = ["--small", "--configs", "ptb", "--steps", "2", "--warmup", "0", "--out", out]
+    first = bench.main([*common, "--methods", "cudnn-bptt", "dsf-dsf"])
+    assert [(r["model"], r["method"]) for r in first["rows"]] == [
+        ("nn.GRU", "cudnn-bptt"), ("nn.GRU", "dsf-dsf"), ("cell", "dsf-dsf")]
+    kept = first["rows"][0]["step_ms"]
+    result = bench.main([*common, "--resume"])
     methods = [(r["model"], r["method"]) for r in result["rows"]]
-    assert methods == [("nn.GRU", m) for m in bench.GRU_METHODS] + [("cell", m) for m in bench.CELL_METHODS]
+    assert sorted(methods) == sorted([("nn.GRU", m) for m in bench.GRU_METHODS] +
+                                     [("cell", m) for m in bench.CELL_METHODS])
+    assert result["rows"][0]["step_ms"] == kept  # measured once, kept on resume
     for row in result["rows"]:
         assert row["step_ms"] > 0 and row["tokens_per_s"] > 0 and 0 < row["backward_share"] < 1
         if row["method"].startswith("dsf-"):
-            assert row["loops"] >= 2  # the rewrite really happened in the timed model
-    assert result["scan"][0]["scan_ms"] > 0
-    assert "dsf-dsf" in (tmp_path / "bench.md").read_text()
+            assert row["loops"] == 2  # the rewrite really happened in the timed model
+    assert [s["implementation"] for s in result["scan"]] == ["dsf (default)"] * 2
+    assert all(s["scan_ms"] > 0 and s["floor_ms"] > 0 for s in result["scan"])
+    table = (tmp_path / "bench.md").read_text()
+    assert "dsf-dsf" in table and "speed-up" in table
+
+
+def test_benchmark_gives_up_a_first_step_past_the_time_limit(tmp_path):
+    import bench
+
+    result = bench.main(["--small", "--configs", "ptb", "--methods", "compile-bptt", "--compile-timeout", "0.5",
+                         "--no-scan", "--out", str(tmp_path / "bench")])
+    (cell,) = [row for row in result["rows"] if row["model"] == "cell"]  # Inductor codegen: seconds at least
+    assert cell["first_step_s"] is None and "not finished in 0.5 s" in cell["status"] and "step_ms" not in cell
