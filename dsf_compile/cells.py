@@ -73,11 +73,14 @@ def trace_step(kind: str, has_biases: bool) -> torch.fx.GraphModule:
 
 
 def run_cell_layer(kind: str, x: Tensor, carries: list[Tensor], weights: list[Tensor]) -> list[Tensor]:
-    """All states of one forward-in-time layer, through torch's fused RNN ops."""
-    has_biases = len(weights) == 4
+    """All states of one forward-in-time layer, through torch's fused RNN ops.
+
+    In training mode when autograd is on (exact BPTT's recomputation): cuDNN can only
+    differentiate a forward run for training."""
+    has_biases, train = len(weights) == 4, torch.is_grad_enabled()
     if kind == "lstm":
         h0, c0 = carries
-        hs = torch.lstm(x, (h0[None], c0[None]), weights, has_biases, 1, 0.0, False, False, False)[0]
+        hs = torch.lstm(x, (h0[None], c0[None]), weights, has_biases, 1, 0.0, train, False, False)[0]
         # cuDNN does not expose the cell states; they follow from the hidden states by a
         # linear recurrence with the (batched) gates as coefficients.
         h_prev = torch.cat([h0[None], hs[:-1]])
@@ -93,7 +96,7 @@ def run_cell_layer(kind: str, x: Tensor, carries: list[Tensor], weights: list[Te
             cs.append(c)
         return [hs, torch.stack(cs)]
     op = {"gru": torch.gru, "rnn_tanh": torch.rnn_tanh, "rnn_relu": torch.rnn_relu}[kind]
-    return [op(x, carries[0][None], weights, has_biases, 1, 0.0, False, False, False)[0]]
+    return [op(x, carries[0][None], weights, has_biases, 1, 0.0, train, False, False)[0]]
 
 
 def _rnn_tanh_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None):
