@@ -212,7 +212,7 @@ def _python_loop_scan(g: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", default=None)
+    parser.add_argument("--configs", nargs="+", default=None, choices=list(CONFIGS))
     parser.add_argument("--small", action="store_true", help="tiny shapes: a CPU run in minutes")
     parser.add_argument("--sweep", type=int, nargs="*", default=None,
                         help="T values of the sweep at a fixed token count (default 64…4096; none with --small)")
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def configs_of(args: argparse.Namespace) -> list[dict]:
     table = SMALL if args.small else CONFIGS
-    configs = [{"name": name, **table[name]} for name in (args.configs or table) if name in table]
+    configs = [{"name": name, **table[name]} for name in (args.configs or table) if name in table]  # --small: no long
     sweep = args.sweep if args.sweep is not None else ([] if args.small or args.configs else [64, 256, 1024, 4096])
     for T in sweep:
         configs.append({"name": f"sweep-T{T}", **CONFIGS["long"], "T": T, "B": max(1, SWEEP_TOKENS // T)})
