@@ -59,6 +59,7 @@ CONFIGS = {
 SMALL = {
     "ptb": dict(model="stack", width=32, layers=2, T=12, B=8, V=200),
     "wt103": dict(model="blocks", width=32, layers=2, T=16, B=8, V=200),
+    "long": dict(model="blocks", width=32, layers=2, T=64, B=2, V=200),
 }
 SWEEP_TOKENS = 32 * 1024
 GRU_METHODS = ("cudnn-bptt", "compile-bptt", "dsf-bptt", "dsf-ft", "dsf-dsf")
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def configs_of(args: argparse.Namespace) -> list[dict]:
     table = SMALL if args.small else CONFIGS
-    configs = [{"name": name, **table[name]} for name in (args.configs or table) if name in table]  # --small: no long
+    configs = [{"name": name, **table[name]} for name in (args.configs or table)]
     sweep = args.sweep if args.sweep is not None else ([] if args.small or args.configs else [64, 256, 1024, 4096])
     for T in sweep:
         configs.append({"name": f"sweep-T{T}", **CONFIGS["long"], "T": T, "B": max(1, SWEEP_TOKENS // T)})
