@@ -60,7 +60,12 @@ def plan_scan(length: int, columns: int, device: torch.device) -> ScanPlan:
     block_t, block_c = 32, 64
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     segments = max(1, min(_cdiv(PROGRAMS_PER_SM * sms, _cdiv(columns, block_c)), _cdiv(length, 4 * block_t)))
-    return ScanPlan(block_t, block_c, 4, _cdiv(_cdiv(length, segments), block_t) * block_t)
+    return ScanPlan(block_t, block_c, 4, segment_length(length, segments, block_t))
+
+
+def segment_length(length: int, segments: int, block_t: int) -> int:
+    """Length of each of ``segments`` time segments covering ``length`` steps, in whole tiles."""
+    return _cdiv(_cdiv(length, segments), block_t) * block_t
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import platform
@@ -46,7 +47,7 @@ from tabulate import tabulate
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import dsf_compile  # noqa: E402
-from dsf_compile import kernels  # noqa: E402
+from dsf_compile import kernels, triton_scan  # noqa: E402
 from dsf_compile.models import RNNLanguageModel, TransformerLikeRNN  # noqa: E402
 from dsf_compile.ops import chunked_linear_scan, reverse_linear_scan  # noqa: E402
 
@@ -187,6 +188,9 @@ def scan_against_floor(config: dict, device: str, repeats: int = 20) -> list[dic
     if device == "cuda":  # on a CPU the default is the eager loop
         implementations["chunked matmul"] = lambda g, lam: chunked_linear_scan(g, lam, True)
         implementations["eager loop"] = _python_loop_scan
+        for plan in trial_plans(config["T"]):
+            name = f"triton {plan.block_t}x{plan.block_c} w{plan.num_warps} segment {plan.segment}"
+            implementations[name] = functools.partial(triton_scan.launch_linear_scan, backwards=True, plan=plan)
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         g = torch.randn(config["T"], config["B"], config["width"], device=device, dtype=dtype)
@@ -199,6 +203,16 @@ def scan_against_floor(config: dict, device: str, repeats: int = 20) -> list[dic
             rows.append({"config": config["name"], "dtype": str(dtype).removeprefix("torch."), "implementation": name,
                          "elements": g.numel(), "scan_ms": ms, "floor_ms": floor, "ratio": ms / floor})
     return rows
+
+
+def trial_plans(length: int) -> list[triton_scan.ScanPlan]:
+    """Other cuts of the Triton scan than the default one, to tune it from the table."""
+    plans = []
+    for block_t, block_c, warps in [(16, 32, 2), (32, 32, 4), (32, 64, 4), (64, 64, 8), (32, 128, 8), (16, 128, 4)]:
+        for segments in (1, 4, 16):
+            segment = triton_scan.segment_length(length, segments, block_t)
+            plans.append(triton_scan.ScanPlan(block_t, block_c, warps, segment))
+    return list(dict.fromkeys(plans))
 
 
 def _python_loop_scan(g: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
