@@ -4,8 +4,9 @@ For ``"dsf"`` and ``"ft"`` (DESIGN.md §1–2):
 
 1. the states are computed once, for values only (``dsf::loop_states``);
 2. a feedback node returns them; in its backward it turns the direct gradients ``g``
-   into ``δ`` with ``dsf::reverse_linear_scan``, then takes the VJP of the step body
-   applied to all T steps at once with the previous states shifted in and held
+   into ``δ`` with :func:`~dsf_compile.ops.reverse_linear_scan` (Triton kernels on
+   CUDA, the opaque ``dsf::reverse_linear_scan`` elsewhere), then takes the VJP of the
+   step body applied to all T steps at once with the previous states shifted in and held
    constant (``vmap`` over time): each weight gets one GEMM over T·B rows, the T local
    VJPs being independent; the initial carries receive ``λ ⊙ δ_1``.
 
