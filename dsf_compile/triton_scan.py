@@ -80,30 +80,54 @@ if triton is not None:
         return decay_a * decay_b, value_b + decay_b * value_a
 
     @triton.jit
+    def _tile(first, tile, T, C, cols, col_ok, BACKWARDS: tl.constexpr, BLOCK_T: tl.constexpr):
+        """Offsets and mask of the ``tile``-th block of BLOCK_T positions after ``first``
+        in processing order (time runs down from T - 1 when ``BACKWARDS``)."""
+        position = first + tile * BLOCK_T + tl.arange(0, BLOCK_T)
+        if BACKWARDS:
+            time = T - 1 - position
+        else:
+            time = position
+        mask = (position < T)[:, None] & col_ok[None, :]
+        return time[:, None].to(tl.int64) * C + cols[None, :], mask
+
+    @triton.jit
+    def _scan_tile(decay, values, carry, BLOCK_T: tl.constexpr):
+        """Every state of a tile entered with ``carry``, and the last one (the next carry;
+        only the very last tile can be partial, and its carry is not used)."""
+        power, local = tl.associative_scan((decay, values), 0, _compose)
+        states = local + power * carry[None, :]
+        last = tl.sum(tl.where(tl.arange(0, BLOCK_T)[:, None] == BLOCK_T - 1, states, 0.0), 0)
+        return states, last
+
+    @triton.jit
     def _scan_segment(g_ptr, out_ptr, lam, carry, first, T, C, TILES, cols, col_ok,
                       BACKWARDS: tl.constexpr, STORE: tl.constexpr, BLOCK_T: tl.constexpr,
                       BLOCK_C: tl.constexpr):
         """Scan positions [first, first + TILES·BLOCK_T) ∩ [0, T) of the processing order,
         starting from ``carry``; returns the δ at the last of them."""
-        steps = tl.arange(0, BLOCK_T)
         decay = tl.broadcast_to(lam[None, :], (BLOCK_T, BLOCK_C))
         # a trip count fixed by the arguments (not by program ids) lets the compiler pipeline loads
         for tile in range(0, TILES):
-            position = first + tile * BLOCK_T + steps
-            if BACKWARDS:
-                time = T - 1 - position
-            else:
-                time = position
-            mask = (position < T)[:, None] & col_ok[None, :]
-            offsets = time[:, None].to(tl.int64) * C + cols[None, :]
+            offsets, mask = _tile(first, tile, T, C, cols, col_ok, BACKWARDS, BLOCK_T)
             values = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(lam.dtype)
-            power, local = tl.associative_scan((decay, values), 0, _compose)
-            delta = local + power * carry[None, :]
+            delta, carry = _scan_tile(decay, values, carry, BLOCK_T)
             if STORE:
                 tl.store(out_ptr + offsets, delta.to(out_ptr.dtype.element_ty), mask=mask)
-            # only the last tile of the last segment can be partial, and its carry is not used
-            carry = tl.sum(tl.where(steps[:, None] == BLOCK_T - 1, delta, 0.0), 0)
         return carry
+
+    @triton.jit
+    def _linear_recurrence_kernel(decay_ptr, values_ptr, init_ptr, out_ptr, T, C, TILES,
+                                  BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+        cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        col_ok = cols < C
+        carry = tl.load(init_ptr + cols, mask=col_ok, other=0.0)
+        for tile in range(0, TILES):
+            offsets, mask = _tile(0, tile, T, C, cols, col_ok, False, BLOCK_T)
+            decay = tl.load(decay_ptr + offsets, mask=mask, other=1.0).to(carry.dtype)
+            values = tl.load(values_ptr + offsets, mask=mask, other=0.0).to(carry.dtype)
+            states, carry = _scan_tile(decay, values, carry, BLOCK_T)
+            tl.store(out_ptr + offsets, states.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _segment_totals_kernel(g_ptr, lam_ptr, totals_ptr, T, C, S, SEGMENT, TILES,
@@ -157,6 +181,20 @@ if triton is not None:
                 g, lam, totals, length, columns, lam.shape[0], plan.segment, tiles, **meta)
         triton_kernel(_linear_scan_kernel)[grid](
             g, lam, totals, out, length, columns, lam.shape[0], plan.segment, tiles, segments - 1, **meta)
+        return out
+
+    def linear_recurrence(decay: Tensor, values: Tensor, init: Tensor) -> Tensor:
+        """Every state of ``s_t = decay_t ⊙ s_{t-1} + values_t`` from ``s_0 = init``, over
+        dim 0 of ``(T, ...)`` tensors (an LSTM's cell states given its gates): one kernel
+        instead of T.  Values only, accumulated in float32 (float64 for float64)."""
+        decay, values = decay.contiguous(), values.contiguous()
+        length, columns = values.shape[0], values[0].numel()
+        init = init.to(torch.promote_types(values.dtype, torch.float32)).contiguous()
+        out = torch.empty_like(values)
+        block_t, block_c = 32, 64
+        _linear_recurrence_kernel[(_cdiv(columns, block_c),)](
+            decay, values, init, out, length, columns, _cdiv(length, block_t), BLOCK_T=block_t, BLOCK_C=block_c,
+            num_warps=4)
         return out
 
     @torch.library.triton_op("dsf::linear_scan_triton", mutates_args=())

@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 
-from dsf_compile.triton_scan import ScanPlan, launch_linear_scan, plan_scan
+from dsf_compile.triton_scan import ScanPlan, launch_linear_scan, linear_recurrence, plan_scan
 
 from ..helpers import assert_close, make_case, rel_err, run_compiled
 from ..reference import dsf_reference
@@ -39,6 +39,22 @@ def test_kernels_match_the_literal_recurrence(seed, dtype, backwards):
         got = launch_linear_scan(g, lam.to(accumulator), backwards, plan)
         assert got.dtype == dtype and got.shape == g.shape
         assert rel_err(got.double(), want) <= TOLERANCE[dtype], f"plan {plan}, T={T} B={B} S={S}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (31, 2, 5), (70, 3, 40)])
+def test_time_varying_recurrence_matches_the_loop(shape, dtype):
+    """An LSTM's cell states from its gates: c_t = f_t ⊙ c_{t-1} + w_t from c_0."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    forget = torch.rand(shape, generator=gen, dtype=torch.float64)
+    write = torch.randn(shape, generator=gen, dtype=torch.float64)
+    init = torch.randn(shape[1:], generator=gen, dtype=torch.float64)
+    want, c = [], init
+    for t in range(shape[0]):
+        c = forget[t] * c + write[t]
+        want.append(c)
+    got = linear_recurrence(forget.to(dtype), write.to(dtype), init.to(dtype))
+    assert got.dtype == dtype and rel_err(got.double(), torch.stack(want)) <= TOLERANCE[dtype]
 
 
 def test_default_plan_splits_time_only_when_columns_are_few():
