@@ -131,11 +131,12 @@ def _check_segments(segments, families) -> _Check:
     where = {node: (t, k) for t, seg in enumerate(segments) for k, node in enumerate(seg)}
     check = _Check()
     first = segments[0]
+    first_args = [_flat_args(a) for a in first]
     for t in range(1, len(segments)):
         for k, (a, b) in enumerate(zip(first, segments[t])):
             if a.op != b.op or a.target != b.target:
                 raise NotALoop(f"step {t} differs from step 0 at its op {k}: {_name(a)} vs {_name(b)}")
-            leaves_a, spec_a = _flat_args(a)
+            leaves_a, spec_a = first_args[k]
             leaves_b, spec_b = _flat_args(b)
             if spec_a != spec_b:
                 raise NotALoop(f"step {t} differs from step 0: {_name(a)} called with other arguments")
@@ -210,9 +211,9 @@ def _index_of(family: StepInputFamily, node: torch.fx.Node) -> int:
     raise KeyError(node)
 
 
-def _propose(calls: list[torch.fx.Node], family: StepInputFamily) -> tuple[int, int, list[int]]:
-    """(first anchor position, step size, member indices in step order) from a family."""
-    position = {node: p for p, node in enumerate(calls)}
+def _propose(position: dict[torch.fx.Node, int], family: StepInputFamily) -> tuple[int, int, list[int]]:
+    """(first anchor position, step size, member indices in step order) from a family;
+    ``position`` numbers the graph's calls in order."""
     anchors = []
     for index, member in family.members.items():
         uses = [position[u] for u in member.users if u in position]
@@ -256,8 +257,8 @@ def _score(segments, check: _Check) -> tuple[int, int]:
     return len(carries), -used_after
 
 
-def _segmentations(calls, family):
-    start, size, order = _propose(calls, family)
+def _segmentations(calls, position, family):
+    start, size, order = _propose(position, family)
     steps = len(order)
     for phase in range(size):
         begin = start - phase
@@ -281,6 +282,7 @@ def find_python_loops(gm: torch.fx.GraphModule) -> tuple[list[PythonLoop], list[
     """Every re-rollable Python loop in ``gm``, and the loop-like patterns we refused."""
     families = step_input_families(gm.graph)
     calls = [n for n in gm.graph.nodes if _is_call(n) and n not in families]
+    position = {node: p for p, node in enumerate(calls)}
     loops: list[PythonLoop] = []
     left: list[LeftExact] = []
     used: set[torch.fx.Node] = set()
@@ -293,7 +295,7 @@ def find_python_loops(gm: torch.fx.GraphModule) -> tuple[list[PythonLoop], list[
         try:
             best = None
             reasons = []
-            for segments in _segmentations(calls, family):
+            for segments in _segmentations(calls, position, family):
                 if any(n in used for seg in segments for n in seg):
                     continue
                 try:
