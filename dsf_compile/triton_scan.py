@@ -18,6 +18,9 @@ it into the kernel launches, so Inductor schedules them inside the backward grap
 (no opaque fallback op; CUDA-graph safe).  Under ``TRITON_INTERPRET=1`` the kernels
 themselves run on CPU tensors through :func:`launch_linear_scan`, which is how they are
 tested without a GPU (the interpreter's kernels cannot be traced into graphs).
+
+:func:`linear_recurrence` runs the same tiles with a decay that changes at every step
+and a start value: an LSTM's cell states from its gates, in one kernel.
 """
 
 from __future__ import annotations
@@ -164,10 +167,10 @@ if triton is not None:
         g = g.contiguous()
         length, columns = g.shape[0], g[0].numel()
         plan = plan or plan_scan(length, columns, g.device)
-        return _launch(triton_kernel=lambda k: k, g=g, lam=lam, backwards=backwards, plan=plan,
-                       length=length, columns=columns)
+        return _launch(lambda kernel: kernel, g, lam, backwards, plan, length, columns)
 
-    def _launch(triton_kernel, g, lam, backwards, plan, length, columns):
+    def _launch(wrap, g, lam, backwards, plan, length, columns):
+        """Launch the kernels, each through ``wrap`` (``wrap_triton`` inside the op)."""
         out = torch.empty_like(g)
         lam = lam.contiguous()
         segments = _cdiv(length, plan.segment)
@@ -177,9 +180,9 @@ if triton is not None:
         totals = torch.empty((max(segments - 1, 1), columns), dtype=lam.dtype, device=g.device)
         meta = dict(BACKWARDS=backwards, BLOCK_T=plan.block_t, BLOCK_C=plan.block_c, num_warps=plan.num_warps)
         if segments > 1:
-            triton_kernel(_segment_totals_kernel)[(grid[0], segments - 1)](
+            wrap(_segment_totals_kernel)[(grid[0], segments - 1)](
                 g, lam, totals, length, columns, lam.shape[0], plan.segment, tiles, **meta)
-        triton_kernel(_linear_scan_kernel)[grid](
+        wrap(_linear_scan_kernel)[grid](
             g, lam, totals, out, length, columns, lam.shape[0], plan.segment, tiles, segments - 1, **meta)
         return out
 
