@@ -69,10 +69,7 @@ def stepped_states(
 ) -> list[Tensor]:
     """A plain loop of ``step`` (the recurrent part of ``body``) over time, the input-only
     part of the step done for all T at once before it."""
-    if body.pre is not None:
-        in_dims = (0,) * len(x_steps) + (None,) * len(invariants)
-        with eager_dispatch(grad=torch.is_grad_enabled()):
-            x_steps = list(torch.func.vmap(body.pre, in_dims=in_dims)(*x_steps, *invariants))
+    x_steps = hoisted_inputs(body, x_steps, invariants)
     states: list[list[Tensor]] = [[] for _ in carries]
     for t in range(x_steps[0].shape[0]):
         carries = list(step(*(x[t] for x in x_steps), *carries, *invariants))
@@ -97,12 +94,17 @@ def compiled_step(key: str, example_inputs: list[Tensor]) -> Callable:
 
 def step_inputs_of(body: HoistedBody, x_steps: list[Tensor], carries: list[Tensor], invariants: list[Tensor]):
     """Example inputs of ``body.rest`` for one step of this loop."""
-    if body.pre is not None:
-        in_dims = (0,) * len(x_steps) + (None,) * len(invariants)
-        with eager_dispatch(grad=False):
-            hoisted = torch.func.vmap(body.pre, in_dims=in_dims)(*(x[:1] for x in x_steps), *invariants)
-        x_steps = list(hoisted)
-    return [*(x[0] for x in x_steps), *carries, *invariants]
+    first = hoisted_inputs(body, [x[:1] for x in x_steps], invariants)
+    return [*(x[0] for x in first), *carries, *invariants]
+
+
+def hoisted_inputs(body: HoistedBody, x_steps: list[Tensor], invariants: list[Tensor]) -> list[Tensor]:
+    """The per-step inputs of ``body.rest``: ``body.pre`` applied to every step at once."""
+    if body.pre is None:
+        return x_steps
+    in_dims = (0,) * len(x_steps) + (None,) * len(invariants)
+    with eager_dispatch(grad=torch.is_grad_enabled()):
+        return list(torch.func.vmap(body.pre, in_dims=in_dims)(*x_steps, *invariants))
 
 
 class GraphedLoop:

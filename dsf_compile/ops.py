@@ -38,6 +38,11 @@ def opaque_linear_scan(g: Tensor, lam: Tensor, backwards: bool) -> Tensor:
     """:func:`reverse_linear_scan` as one opaque op.  On a CPU a plain loop of fused
     multiply-adds, which beats every scan formulation there (DESIGN.md §6); on CUDA without
     Triton the chunked form."""
+    return looped_linear_scan(g, lam, backwards)
+
+
+def looped_linear_scan(g: Tensor, lam: Tensor, backwards: bool) -> Tensor:
+    """The recurrence as T fused multiply-adds, one per step."""
     delta = torch.empty_like(g)
     steps = range(g.shape[0] - 1, -1, -1) if backwards else range(g.shape[0])
     lam = lam.to(accumulator_dtype(g.dtype))

@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dsf_compile  # noqa: E402
 from dsf_compile import kernels, triton_scan  # noqa: E402
 from dsf_compile.models import RNNLanguageModel, TransformerLikeRNN  # noqa: E402
-from dsf_compile.ops import chunked_linear_scan, reverse_linear_scan  # noqa: E402
+from dsf_compile.ops import chunked_linear_scan, looped_linear_scan, reverse_linear_scan  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 CONFIGS = {
@@ -187,7 +187,7 @@ def scan_against_floor(config: dict, device: str, repeats: int = 20) -> list[dic
     implementations = {"dsf (default)": lambda g, lam: reverse_linear_scan(g, lam, True)}
     if device == "cuda":  # on a CPU the default is the eager loop
         implementations["chunked matmul"] = lambda g, lam: chunked_linear_scan(g, lam, True)
-        implementations["eager loop"] = _python_loop_scan
+        implementations["eager loop"] = lambda g, lam: looped_linear_scan(g, lam, True)
         for plan in trial_plans(config["T"]):
             name = f"triton {plan.block_t}x{plan.block_c} w{plan.num_warps} segment {plan.segment}"
             implementations[name] = functools.partial(triton_scan.launch_linear_scan, backwards=True, plan=plan)
@@ -213,16 +213,6 @@ def trial_plans(length: int) -> list[triton_scan.ScanPlan]:
             segment = triton_scan.segment_length(length, segments, block_t)
             plans.append(triton_scan.ScanPlan(block_t, block_c, warps, segment))
     return list(dict.fromkeys(plans))
-
-
-def _python_loop_scan(g: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """The recurrence as T eager kernels (the baseline every scan form must beat)."""
-    delta = torch.empty_like(g)
-    acc = torch.zeros_like(g[0], dtype=torch.float32)
-    for t in range(g.shape[0] - 1, -1, -1):
-        acc = torch.addcmul(g[t].float(), lam, acc)
-        delta[t] = acc
-    return delta
 
 
 def main(argv: list[str] | None = None) -> dict:

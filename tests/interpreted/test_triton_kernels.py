@@ -14,6 +14,7 @@ from dsf_compile.triton_scan import ScanPlan, launch_linear_scan, linear_recurre
 from ..helpers import assert_close, make_case, rel_err, run_compiled
 from ..reference import dsf_reference
 from ..test_ops import literal
+from ..test_rnn_modules import _lams
 
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2}
 # tile shapes and segment lengths that make every path run: one or several tiles per
@@ -78,7 +79,5 @@ def triton_kernels_on_cpu():
 def test_dsf_gradients_through_the_kernels_match_the_reference(triton_kernels_on_cpu, kind, mode):
     module, x, h0, loss_fn = make_case(kind, 2, True, False, True, True, dtype=torch.float64, seed=5)
     _, _, grads = run_compiled(module, x, h0, loss_fn, mode)
-    size = module.hidden_size * (2 if kind == "lstm" else 1)
-    lam = torch.linspace(0, 1, size, dtype=torch.float64) if mode == "dsf" else torch.zeros(size, dtype=torch.float64)
-    _, want = dsf_reference(module, x, h0, [lam] * 4, loss_fn)
+    _, want = dsf_reference(module, x, h0, _lams(module, mode, torch.float64), loss_fn)
     assert_close(grads, want, 1e-9)
