@@ -1,7 +1,16 @@
-"""Data sets for the experiments: Penn Treebank, sentence-level batches (DESIGN.md §5)."""
+"""Data sets for the experiments: Penn Treebank, sentence-level batches, and WikiText-103 or
+its Wikipedia stand-in as BPE-16k tokens in fixed-length chunks (DESIGN.md §5).
+
+    python experiments/data.py      # check PTB, build the wiki token cache, print the sizes
+
+The token cache (``experiments/cache``; about 50 MB for the whole stand-in, whose training
+split is 23.5M tokens) can be built on any machine and carried to the GPU machine, which
+then spends no device time tokenising.
+"""
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import lzma
 import random
@@ -36,7 +45,7 @@ def _read_lines(path: Path) -> list[list[str]]:
     if not path.is_file():
         raise DataMissing(
             f"{path} not found: PTB is expected as ptb.train.txt / ptb.valid.txt / ptb.test.txt in "
-            f"{path.parent}; pass --data with the folder holding ptb/ (default {DEFAULT_ROOT})"
+            f"{path.parent}; pass --data-root with the folder holding ptb/ (default {DEFAULT_ROOT})"
         )
     return [line.split() for line in path.read_text().splitlines() if line.strip()]
 
@@ -168,7 +177,9 @@ def load_wiki(
             for encoding in tokenizer.encode_batch(lines[start : start + 10_000]):
                 ids.extend(encoding.ids)
                 ids.append(eos)
-        splits[split] = torch.tensor(ids, dtype=torch.int32)
+        # int16 holds any id of a vocabulary up to 32k and halves the file: the cache of the
+        # whole stand-in then fits in what one device call may carry (64 MiB).
+        splits[split] = torch.tensor(ids, dtype=torch.int16 if tokenizer.get_vocab_size() <= 2**15 else torch.int32)
         torch.save(splits[split], path)
     return TokenCorpus(tokenizer.get_vocab_size(), splits["train"], splits["valid"], splits["test"], source)
 
@@ -187,3 +198,27 @@ def context_batches(
             return
         window = ids[picked[:, None] + offsets].long()
         yield window[:, :-1], window[:, 1:]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Check PTB and build the wiki token cache.")
+    parser.add_argument("--data-root", default=str(DEFAULT_ROOT), help="folder holding ptb/ and wiki/")
+    parser.add_argument("--cache", default=str(DEFAULT_CACHE), help="where the tokenizer and token ids go")
+    parser.add_argument("--vocab", type=int, default=16000)
+    parser.add_argument("--use-datasets", action=argparse.BooleanOptionalAction, default=True,
+                        help="load WikiText-103 through `datasets` when it can be reached")
+    args = parser.parse_args(argv)
+    ptb = load_ptb(args.data_root)
+    print(f"ptb: vocabulary {len(ptb.vocab):,}, "
+          + ", ".join(f"{name} {sum(map(len, getattr(ptb, name))):,} tokens" for name in ("train", "valid", "test")))
+    wiki = load_wiki(args.data_root, args.vocab, args.cache, args.use_datasets)
+    print(f"wiki ({wiki.source}): vocabulary {wiki.vocab_size:,}, "
+          + ", ".join(f"{name} {len(getattr(wiki, name)):,} tokens" for name in ("train", "valid", "test"))
+          + f"; cached in {args.cache}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DataMissing as error:  # the message says what is missing and which flag to pass
+        raise SystemExit(error) from None

@@ -21,7 +21,7 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from data import DEFAULT_ROOT, load_ptb, sentence_batches  # noqa: E402
+from data import DEFAULT_ROOT, DataMissing, load_ptb, sentence_batches  # noqa: E402
 
 import dsf_compile  # noqa: E402
 from dsf_compile.models.lm import RNNLanguageModel, masked_cross_entropy  # noqa: E402
@@ -85,7 +85,8 @@ def train(mode: str, corpus, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(DEFAULT_ROOT), help="folder holding ptb/ (default: %(default)s)")
+    parser.add_argument("--data-root", "--data", dest="data", default=str(DEFAULT_ROOT),
+                        help="folder holding ptb/ (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=60, help="training budget per method, first step included")
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
@@ -110,4 +111,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DataMissing as error:  # the message says what is missing and which flag to pass
+        raise SystemExit(error) from None

@@ -69,7 +69,7 @@ def test_refuses_to_overwrite_a_run(data_root, tmp_path):
 
 
 def test_missing_data_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="ptb.train.txt"):
+    with pytest.raises(FileNotFoundError, match="ptb.train.txt.*--data-root"):
         train.main([*TINY_PTB, "--data-root", str(tmp_path), "--out", str(tmp_path / "run")])
 
 
@@ -95,6 +95,28 @@ def test_tiny_wiki_protocol_and_report(data_root, tmp_path):
     assert f"{100 * closure:.0f}%" in table
     assert "valid_batches" in table  # deviations are written in the table
     assert (tmp_path / "results" / "wiki-curves.png").stat().st_size > 1000
+
+
+def test_wiki_token_cache_is_compact_and_decodes_to_the_text(data_root, tmp_path):
+    import data
+
+    corpus = data.load_wiki(data_root, 300, tmp_path / "cache", use_datasets=False)
+    cached = sorted((tmp_path / "cache").glob("valid-*.pt"))
+    assert len(cached) == 1 and torch.load(cached[0]).dtype == torch.int16
+    again = data.load_wiki(data_root, 300, tmp_path / "cache", use_datasets=False)
+    assert torch.equal(again.valid, corpus.valid) and torch.equal(again.train, corpus.train)
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(next((tmp_path / "cache").glob("bpe-300-*.json"))))
+    eos = tokenizer.token_to_id(data.EOS)
+    lines, line = [], []
+    for token in corpus.valid.tolist():
+        if token == eos:
+            lines.append(tokenizer.decode(line))
+            line = []
+        else:
+            line.append(token)
+    assert lines == (data_root / "wiki" / "valid.txt").read_text().splitlines()
 
 
 def test_benchmark_small_runs_every_row_and_resumes(tmp_path):
