@@ -9,8 +9,9 @@ Every protocol setting is a flag (``--width 128 --epochs 2 ...``).  Each run wri
 ``log.jsonl`` (train and validation records), ``checkpoint.pt`` (model, optimiser,
 scheduler, RNG states and data position; every ``--checkpoint-every`` steps and at each
 epoch end) and ``summary.json``.  ``--resume`` continues an interrupted run to the same
-result it would have reached uninterrupted.  Departures from the protocol (``--max-steps``,
-``--max-train-chars``, ``--valid-batches``) are recorded in the summary.
+result it would have reached uninterrupted.  Every departure from the protocol (a changed
+setting, or a limit such as ``--max-steps``, ``--max-train-chars``, ``--valid-batches``) is
+recorded in the summary, and the report prints it beside the run's perplexity.
 """
 
 from __future__ import annotations
@@ -49,7 +50,16 @@ RUN_DEFAULTS = dict(
     data_root=str(DEFAULT_ROOT), cache=str(DEFAULT_CACHE), use_datasets=True, log_every=50,
     checkpoint_every=500, max_steps=0, max_train_chars=0, valid_batches=0,
 )
-DEVIATIONS = ("max_steps", "max_train_chars", "valid_batches")
+# Limits a run may be given that shorten the protocol whenever they are set.
+RUN_LIMITS = ("max_steps", "max_train_chars", "valid_batches")
+
+
+def deviations(config: dict) -> dict:
+    """Every setting of a run that departs from its protocol (DESIGN.md §5, TF32 included):
+    the report writes these beside the run's perplexity, so no change goes unstated."""
+    protocol = {**CONFIGS[config["config"]], "tf32": True}
+    changed = {key: config[key] for key, value in protocol.items() if config[key] != value}
+    return {**changed, **{key: config[key] for key in RUN_LIMITS if config[key]}}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -261,7 +271,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tokens": state["tokens"], "epochs": state["epoch"], "steps": state["step"], "complete": not stopped,
         "data": data.source, "width": config["width"], "layers": config["layers"], "cell": config["cell"],
         "train_seconds": state["train_seconds"], "device": device,
-        "deviations": {k: config[k] for k in DEVIATIONS if config[k]}, "settings": config,
+        "deviations": deviations(config), "settings": config,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary

@@ -54,6 +54,8 @@ def test_resume_continues_to_identical_results(data_root, tmp_path):
     resumed = train.main(["--out", str(tmp_path / "split"), "--resume", "--max-steps", "0"])
     assert resumed["complete"] and resumed["steps"] == whole["steps"]
     assert resumed["best_valid_ppl"] == whole["best_valid_ppl"]
+    assert interrupted["deviations"]["max_steps"] == steps_per_epoch + 3
+    assert resumed["deviations"] == whole["deviations"] and "max_steps" not in whole["deviations"]
     a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)
     b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)
     for key, value in a["model"].items():
@@ -83,7 +85,8 @@ def test_tiny_wiki_protocol_and_report(data_root, tmp_path):
             "--valid-batches", "3", "--out", str(tmp_path / f"wiki-{method}"),
         ])
         assert summary["complete"] and summary["data"] == "wikipedia-stand-in"
-        assert summary["deviations"] == {"valid_batches": 3}
+        assert summary["deviations"] == {"vocab": 300, "context": 16, "width": 16, "layers": 1, "batch": 4,
+                                         "epochs": 1, "valid_batches": 3}
         assert 1 < summary["best_valid_ppl"] < 300
         runs.append(tmp_path / f"wiki-{method}")
     assert len(list((tmp_path / "cache").glob("bpe-300-*.json"))) == 1
@@ -93,7 +96,7 @@ def test_tiny_wiki_protocol_and_report(data_root, tmp_path):
     assert set(ppl) == {"bptt", "ft", "dsf"}
     closure = (ppl["ft"] - ppl["dsf"]) / (ppl["ft"] - ppl["bptt"])
     assert f"{100 * closure:.0f}%" in table
-    assert "valid_batches" in table  # deviations are written in the table
+    assert "valid_batches=3" in table and "context=16" in table  # deviations are written in the table
     assert (tmp_path / "results" / "wiki-curves.png").stat().st_size > 1000
 
 
