@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> str:
         key = (run["config"], run["layers"], run["width"], run["cell"])
         if run["best_valid_ppl"] is not None:  # None: stopped before its first validation
             groups[key][run["method"]] = run["best_valid_ppl"]
-        notes[key].add(f"{run['epochs']} epochs, {run['tokens']:,} tokens, data {run['data']}")
+        notes[key].add(f"{run['epochs']} epochs, {run['tokens']:,} tokens, data {run['data']}, device {run['device']}")
         for name, value in run["deviations"].items():
             notes[key].add(f"{name}={value}")
         if not run["complete"]:
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> str:
             "; ".join(sorted(notes[key])),
         ])
     headers = ["config", "BPTT", "FT-BPTT", "DSF", "gap closed", "paper B/FT/DSF", "paper gap", "runs"]
-    table = tabulate(rows, headers=headers, tablefmt="github")
+    table = tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)  # keep "221.00" as written
     text = (f"# {args.name}: best validation perplexity\n\nGap closed = (FT − DSF) / (FT − BPTT). "
             f"Produced by `python experiments/report.py --runs {' '.join(args.runs)} --name {args.name}`.\n\n"
             f"{table}\n\n![curves]({args.name}-curves.png)\n")
