@@ -14,7 +14,7 @@ import argparse
 import hashlib
 import lzma
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,8 +217,14 @@ def main(argv: list[str] | None = None) -> None:
           + f"; cached in {args.cache}")
 
 
-if __name__ == "__main__":
+def run_script(main: Callable[[], object]) -> None:
+    """A script's entry point: a missing data file ends it with the message that says what
+    is missing and which flag to pass, not with a traceback."""
     try:
         main()
-    except DataMissing as error:  # the message says what is missing and which flag to pass
+    except DataMissing as error:
         raise SystemExit(error) from None
+
+
+if __name__ == "__main__":
+    run_script(main)

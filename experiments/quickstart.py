@@ -21,7 +21,7 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from data import DEFAULT_ROOT, DataMissing, load_ptb, sentence_batches  # noqa: E402
+from data import DEFAULT_ROOT, load_ptb, run_script, sentence_batches  # noqa: E402
 
 import dsf_compile  # noqa: E402
 from dsf_compile.models.lm import RNNLanguageModel, masked_cross_entropy  # noqa: E402
@@ -111,7 +111,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DataMissing as error:  # the message says what is missing and which flag to pass
-        raise SystemExit(error) from None
+    run_script(main)

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from data import DEFAULT_CACHE, DEFAULT_ROOT, DataMissing, context_batches, load_ptb, load_wiki, sentence_batches  # noqa: E402
+from data import DEFAULT_CACHE, DEFAULT_ROOT, context_batches, load_ptb, load_wiki, run_script, sentence_batches  # noqa: E402
 
 import dsf_compile  # noqa: E402
 from dsf_compile.models import RNNLanguageModel, TransformerLikeRNN  # noqa: E402
@@ -278,7 +278,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DataMissing as error:  # the message says what is missing and which flag to pass
-        raise SystemExit(error) from None
+    run_script(main)
