@@ -7,7 +7,7 @@ implementation for the device at run time.
 * ``dsf::reverse_linear_scan`` — the DSF feedback recurrence ``δ_t = g_t + λ ⊙ δ_{t+1}``
   where Triton cannot run it (a plain loop on CPU; :func:`reverse_linear_scan` picks the
   Triton kernels of :mod:`dsf_compile.triton_scan`, which Inductor schedules, on CUDA).
-* ``dsf::loop_states`` — every state of a loop with a known kernel (cuDNN for nn.GRU...).
+* ``dsf::loop_states`` — every state of a loop with a known kernel (:mod:`dsf_compile.kernels`).
   Differentiable (exact BPTT, by recomputing with autograd in the backward) for mode
   ``"bptt"``; the DSF/FT rewrites call it on detached inputs, for values only.
 """
@@ -137,7 +137,24 @@ def loop_states_backward(
             kernel, reverse, inputs[:n_in], inputs[n_in : n_in + n_carry], inputs[n_in + n_carry :]
         )
         found = torch.autograd.grad(states, inputs, grads, allow_unused=True)
-    return [t.new_zeros(t.shape) if d is None else d.contiguous() for t, d in zip(inputs, found)]
+    found = [t.new_zeros(t.shape) if d is None else d.contiguous() for t, d in zip(inputs, found)]
+    return unaliased(found, (*grads, *step_inputs, *carries, *invariants))
+
+
+def unaliased(outputs: list[Tensor], inputs: tuple[Tensor, ...]) -> list[Tensor]:
+    """``outputs`` with a copy of each one that shares memory with an input or an earlier
+    output, as a custom op's results must.  cuDNN returns the weight gradients of an RNN
+    as views of one flat buffer."""
+    seen = {t.untyped_storage().data_ptr() for t in inputs}
+    result = []
+    for t in outputs:
+        storage = t.untyped_storage().data_ptr()
+        if storage in seen:
+            t = t.clone()
+            storage = t.untyped_storage().data_ptr()
+        seen.add(storage)
+        result.append(t)
+    return result
 
 
 @loop_states_backward.register_fake

@@ -12,7 +12,12 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("triton", reason="Triton is not installed (pip install -e '.[dev]' installs it on Linux x86-64)")
-pytest.importorskip("numpy", reason="Triton's interpreter needs numpy")
+numpy = pytest.importorskip("numpy", reason="Triton's interpreter needs numpy")
+if tuple(int(v) for v in numpy.__version__.split(".")[:2]) >= (2, 4):
+    # seen on the GPU machine (numpy 2.5.2, Triton 3.6): "only 0-dimensional arrays can be
+    # converted to Python scalars" in every kernel; there the kernels run compiled instead
+    pytest.skip("Triton's interpreter fails with numpy >= 2.4 (the dev extra pins numpy<2.4)",
+                allow_module_level=True)
 
 ROOT = Path(__file__).resolve().parent.parent
 
