@@ -3,7 +3,8 @@
 A step function is what a loop's ``body`` is traced from: one time step on ``(B, ...)``
 rows, written with ordinary torch ops so that ``vmap`` over time turns every weight use
 into one GEMM over all T·B rows.  :func:`run_cell_layer` computes every state of a layer at once with
-the fastest eager implementation available (cuDNN on CUDA).
+torch's fused RNN ops (cuDNN on CUDA, used there for exact BPTT's recomputation; values
+alone come from :mod:`dsf_compile.kernels`' graphed step loop).
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import Tensor
-
-from . import triton_scan
 
 
 def rnn_tanh_step(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih=None, b_hh=None):
@@ -83,17 +82,16 @@ def run_cell_layer(kind: str, x: Tensor, carries: list[Tensor], weights: list[Te
     if kind == "lstm":
         h0, c0 = carries
         hs = torch.lstm(x, (h0[None], c0[None]), weights, has_biases, 1, 0.0, train, False, False)[0]
-        # cuDNN does not expose the cell states; they follow from the hidden states by a
-        # linear recurrence with the (batched) gates as coefficients: one Triton kernel on
-        # CUDA, a loop here (and under autograd, for exact BPTT's recomputation).
+        # torch.lstm does not return the cell states; they follow from the hidden states by
+        # a linear recurrence with the (batched) gates as coefficients.  (On CUDA this runs
+        # only under autograd, for exact BPTT's recomputation: values-only forwards take
+        # the graphed step loop of kernels.run_kernel, which carries c itself.)
         h_prev = torch.cat([h0[None], hs[:-1]])
         gates = F.linear(x, weights[0], weights[2] if has_biases else None)
         gates = gates + F.linear(h_prev, weights[1], weights[3] if has_biases else None)
         i, f, g, _ = gates.chunk(4, -1)
         forget = torch.sigmoid(f)
         write = torch.sigmoid(i) * torch.tanh(g)
-        if triton_scan.runs_on(x.device) and not train:
-            return [hs, triton_scan.linear_recurrence(forget, write, c0)]
         cs = []
         c = c0
         for t in range(x.shape[0]):

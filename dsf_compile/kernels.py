@@ -1,9 +1,11 @@
 """Whole-sequence forward kernels: every state of a loop at once.
 
 A loop's ``forward_kernel`` is either the name of a cell of :mod:`dsf_compile.cells`
-(cuDNN-backed for nn.RNN/GRU/LSTM) or the key of a registered step body, run as a rolled
-loop: its input-only part hoisted and done for all T at once, then the recurrent rest
-stepped T times (on CUDA compiled by Inductor and replayed as one CUDA graph).  Kernels
+(nn.RNN/GRU/LSTM) or the key of a registered step body, run as a rolled loop: its
+input-only part hoisted and done for all T at once, then the recurrent rest stepped T
+times (on CUDA compiled by Inductor and replayed as one CUDA graph).  A cell runs as
+torch's fused op, except for values on CUDA, where its step body runs as such a graphed
+loop: faster than cuDNN there, whose host-side cost per call idles the device.  Kernels
 are asked for values (and, in exact mode, differentiated by autograd inside
 ``dsf::loop_states_backward``); the rewrites supply DSF gradients themselves.
 """
@@ -19,7 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .cells import STEPS, run_cell_layer
+from .cells import CARRIES, STEPS, run_cell_layer, trace_step
 from .loop_ir import LoopIR
 from .passes.hoist_step_inputs import HoistedBody, hoist_step_inputs
 
@@ -46,12 +48,39 @@ def eager_dispatch(grad: bool = False):
 
 
 def register_body(loop: LoopIR) -> str:
-    """A kernel name for ``loop``'s step body.  Content-addressed: the same body gets the
-    same name in every process, so graphs cached by Inductor stay valid."""
-    signature = f"{loop.body.code}|{loop.num_step_inputs}|{len(loop.carry_sizes)}"
+    """A kernel name for ``loop``'s step body.  Content-addressed: the same computation
+    gets the same name in every process (graphs cached by Inductor stay valid) and in
+    every layer that runs it (one compiled step and one CUDA graph serve them all),
+    whatever its values are called."""
+    signature = f"{graph_structure(loop.body.graph)}|{loop.num_step_inputs}|{len(loop.carry_sizes)}"
     key = "body:" + hashlib.sha1(signature.encode()).hexdigest()[:16]
     if key not in _BODIES:
         _BODIES[key] = hoist_step_inputs(loop.body, loop.num_step_inputs, len(loop.carry_sizes))
+    return key
+
+
+def graph_structure(graph: torch.fx.Graph) -> str:
+    """``graph``'s operations and how they connect, without the names of its values."""
+    index: dict[torch.fx.Node, int] = {}
+    lines = []
+    for node in graph.nodes:
+        index[node] = len(index)
+        if node.op == "placeholder":
+            target = ""
+        elif isinstance(node.target, str):
+            target = node.target
+        else:
+            target = torch.fx.node._get_qualified_name(node.target)
+        operands = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: f"%{index[n]}")
+        lines.append(f"{node.op} {target} {operands}")
+    return "\n".join(lines)
+
+
+def cell_body(kind: str, has_biases: bool) -> str:
+    """The kernel name of the step body of torch's ``kind`` cell (nn.RNN/GRU/LSTM)."""
+    key = f"cell:{kind}:{'bias' if has_biases else 'no-bias'}"
+    if key not in _BODIES:
+        _BODIES[key] = hoist_step_inputs(trace_step(kind, has_biases), 1, len(CARRIES[kind]))
     return key
 
 
@@ -114,7 +143,7 @@ class GraphedLoop:
     every layer with the same signature."""
 
     def __init__(self, body: HoistedBody, step: Callable, inputs: list[Tensor], counts: tuple[int, int]) -> None:
-        self.static = [t.clone() for t in inputs]
+        self.static = [t.clone(memory_format=torch.contiguous_format) for t in inputs]
         self.counts = counts
         run = lambda: self._states(body, step)
         side = torch.cuda.Stream()
@@ -143,14 +172,19 @@ def graphed_loop(key: str, x_steps: list[Tensor], carries: list[Tensor], invaria
     an enclosing CUDA graph is being captured, the same loop captured into that one)."""
     body = _BODIES[key]
     inputs = [*x_steps, *carries, *invariants]
-    signature = (key, _signature(inputs))
+    # the graph reads contiguous copies of the inputs, so their strides do not matter
+    signature = (key, tuple((tuple(t.shape), t.dtype, t.device) for t in inputs))
     if signature in _GRAPHS:
         _GRAPHS.move_to_end(signature)
         return _GRAPHS[signature](inputs)
-    step = compiled_step(key, step_inputs_of(body, x_steps, carries, invariants))
     if torch.cuda.is_current_stream_capturing():
+        step = compiled_step(key, step_inputs_of(body, x_steps, carries, invariants))
         return stepped_states(body, step, x_steps, carries, invariants)
-    _GRAPHS[signature] = GraphedLoop(body, step, inputs, (len(x_steps), len(carries)))
+    contiguous = [t.contiguous() for t in inputs]
+    n_x, n_c = len(x_steps), len(carries)
+    groups = contiguous[:n_x], contiguous[n_x : n_x + n_c], contiguous[n_x + n_c :]
+    step = compiled_step(key, step_inputs_of(body, *groups))
+    _GRAPHS[signature] = GraphedLoop(body, step, contiguous, (n_x, n_c))
     while len(_GRAPHS) > GRAPH_CACHE_SIZE:
         _GRAPHS.popitem(last=False)
     return _GRAPHS[signature](inputs)
@@ -173,7 +207,14 @@ def run_kernel(
         step_inputs = [x.flip(0) for x in step_inputs]
     if kernel in STEPS:
         (x,) = step_inputs
-        states = run_cell_layer(kernel, x, carries, invariants)
+        if x.is_cuda and not torch.is_grad_enabled():
+            # Values only: the cell's step compiled and replayed as one CUDA graph.  cuDNN's
+            # RNN call costs about 10 ms of host time on an H100 machine (torch 2.11), more
+            # than its device time, so the device sat idle; the graph has no host work per
+            # step (experiments/results/bench-*.md).
+            states = graphed_loop(cell_body(kernel, len(invariants) == 4), [x], carries, invariants)
+        else:
+            states = run_cell_layer(kernel, x, carries, invariants)
     elif kernel in _BODIES:
         states = _run_body(kernel, step_inputs, carries, invariants)
     else:

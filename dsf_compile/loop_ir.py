@@ -27,8 +27,8 @@ class LoopIR:
     projection) is ordinary downstream code.
 
     ``forward_kernel`` names an eager implementation in :mod:`dsf_compile.cells` that
-    computes all T states at once faster than stepping ``body`` (cuDNN for the
-    nn.RNN/GRU/LSTM cells).  It must compute the same function as ``body``.
+    computes all T states at once faster than stepping ``body`` (torch's fused ops for
+    the nn.RNN/GRU/LSTM cells).  It must compute the same function as ``body``.
     """
 
     name: str

@@ -20,7 +20,8 @@ themselves run on CPU tensors through :func:`launch_linear_scan`, which is how t
 tested without a GPU (the interpreter's kernels cannot be traced into graphs).
 
 :func:`linear_recurrence` runs the same tiles with a decay that changes at every step
-and a start value: an LSTM's cell states from its gates, in one kernel.
+and a start value, in one kernel: the time-varying diagonal recurrence that Highway-BP's
+scan is (DESIGN.md §7).  No rewrite calls it yet; it is tested on its own.
 """
 
 from __future__ import annotations
@@ -188,8 +189,8 @@ if triton is not None:
 
     def linear_recurrence(decay: Tensor, values: Tensor, init: Tensor) -> Tensor:
         """Every state of ``s_t = decay_t ⊙ s_{t-1} + values_t`` from ``s_0 = init``, over
-        dim 0 of ``(T, ...)`` tensors (an LSTM's cell states given its gates): one kernel
-        instead of T.  Values only, accumulated in float32 (float64 for float64)."""
+        dim 0 of ``(T, ...)`` tensors (e.g. an LSTM's cell states given its gates): one
+        kernel instead of T.  Values only, accumulated in float32 (float64 for float64)."""
         decay, values = decay.contiguous(), values.contiguous()
         length, columns = values.shape[0], values[0].numel()
         init = init.to(torch.promote_types(values.dtype, torch.float32)).contiguous()

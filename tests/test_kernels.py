@@ -60,3 +60,25 @@ def test_compiled_step_inside_an_applied_model(monkeypatch):
         torch._dynamo.reset()
     assert rel_err(results[1][0], results[0][0]) <= 1e-12
     assert_close(results[1][1], results[0][1], 1e-12)
+
+
+def test_bodies_are_named_by_their_computation_not_their_value_names(monkeypatch):
+    """Layers that run the same step (their carries named ``prev_h`` and ``prev_h_16`` by
+    the front end) share one kernel, so on CUDA one compiled step and one CUDA graph serve
+    them all; a different computation gets another name."""
+    def loop(body):
+        return LoopIR("gru", body, ("h",), (4,), 1, 4, False, "test", "test")
+
+    first, renamed = trace_step("gru", True), trace_step("gru", True)
+    for node in renamed.graph.nodes:
+        if node.op == "placeholder":
+            node.name = node.target = f"{node.name}_16"
+    renamed.recompile()
+    assert renamed.code != first.code
+    assert kernels.register_body(loop(first)) == kernels.register_body(loop(renamed))
+    assert kernels.register_body(loop(trace_step("rnn_tanh", True))) != kernels.register_body(loop(first))
+    torch.manual_seed(4)
+    model = dsf_compile.apply(HandWrittenGRULM(30, 8, 3).double(), "dsf", compiler="aot_eager")
+    monkeypatch.setattr(kernels, "_BODIES", {})
+    model(torch.randint(0, 30, (2, 5))).sum().backward()
+    assert len(kernels._BODIES) == 1 and len(dsf_compile.report(model).loops) == 3
