@@ -11,8 +11,11 @@ Every row is measured in this one process, side by side, on the same data:
 Configs (DESIGN.md §4): ``ptb`` (embedding, 3×256 GRU with residual skips, T=64, B=128,
 V=10k), ``wt103`` (3×512 transformer-like blocks, T=256, B=128, V=16k), ``long`` (same
 blocks, T=1024, B=32), and a sweep of T at a fixed token count (nn.GRU rows only).
-Metrics per row: median step ms, tokens/s, peak memory in the timed steps, first-step
-time (Inductor caches off: compilation included), backward share of the step.  Per
+The rows of one config and model family are built together and timed in turns
+(``--rounds`` rounds of ``--steps`` steps each), so that a drift of the machine hits them
+alike.  Metrics per row: median step ms and the range of the rounds' medians, tokens/s,
+peak memory (what the model holds plus the most a step adds), first-step time (Inductor
+caches off: compilation included), backward share of the step.  Per
 config, the reverse scan alone (each implementation, fp32 and bf16) against its memory
 floor, a device-to-device copy of the same bytes.  A first step that has not finished
 within ``--compile-timeout`` seconds is recorded as such.
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import gc
 import json
@@ -38,6 +42,7 @@ import signal
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -114,24 +119,56 @@ def timed_out(error: BaseException | None) -> bool:
     return False
 
 
-def measure(config: dict, model_kind: str, method: str, device: str, args: argparse.Namespace) -> dict:
+@dataclasses.dataclass
+class Contender:
+    """One row being measured: its model's training step and what was timed so far."""
+
+    row: dict
+    step: Callable[[], tuple[float, float]] | None = None
+    resident: int = 0  # bytes the model holds between steps (weights, optimiser, graphs)
+    transient: int = 0  # the most a step allocated on top of what was resident
+    times: list[tuple[float, float]] = dataclasses.field(default_factory=list)
+    round_medians: list[float] = dataclasses.field(default_factory=list)
+
+
+def allocated(device: str) -> int:
+    return torch.cuda.memory_allocated() if device == "cuda" else 0
+
+
+def prepare(config: dict, model_kind: str, method: str, device: str, args: argparse.Namespace) -> Contender:
+    """Build one row's model; its first step (compilation included, within
+    ``--compile-timeout``) and warm-up steps."""
     row = {"config": config["name"], "model": model_kind, "method": method, "T": config["T"], "B": config["B"]}
+    before = allocated(device)
     model = build(config, model_kind, method, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     tokens = torch.randint(0, config["V"], (config["B"], config["T"] + 1), device=device)
     x, y = tokens[:, :-1], tokens[:, 1:]
 
     def step() -> tuple[float, float]:
+        """Step time and forward time, ms.  On CUDA the forward's share is read off
+        events, with no synchronisation inside the step (which would idle the device
+        while the host starts the backward); the step itself ends synchronised, as a
+        training loop that reads its loss does."""
         sync(device)
         t0 = time.perf_counter()
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(3)] if device == "cuda" else []
+        if events:
+            events[0].record()
         loss = nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        sync(device)
+        if events:
+            events[1].record()
         t1 = time.perf_counter()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if events:
+            events[2].record()
         sync(device)
-        return (time.perf_counter() - t0) * 1e3, (t1 - t0) * 1e3
+        total = (time.perf_counter() - t0) * 1e3
+        if events:
+            return total, total * events[0].elapsed_time(events[1]) / events[0].elapsed_time(events[2])
+        return total, (t1 - t0) * 1e3
 
     try:
         with time_limit(args.compile_timeout):
@@ -143,21 +180,57 @@ def measure(config: dict, model_kind: str, method: str, device: str, args: argpa
             raise
         row["first_step_s"] = None
         row["status"] = f"first step not finished in {args.compile_timeout:g} s"
-        return row
+        return Contender(row)
     for _ in range(args.warmup):
         step()
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = [step() for _ in range(args.steps)]
-    median = statistics.median(t for t, _ in times)
-    row.update(
-        step_ms=median, tokens_per_s=config["B"] * config["T"] / (median / 1e3),
-        backward_share=1 - statistics.median(f for _, f in times) / median,
-        peak_mib=torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
-    )
     if method.startswith("dsf-"):
         row["loops"] = len(dsf_compile.report(model).loops)
+    return Contender(row, step, resident=allocated(device) - before)
+
+
+def time_round(contender: Contender, steps: int, device: str) -> None:
+    """``steps`` timed training steps of one row, and the memory they took."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    times = [contender.step() for _ in range(steps)]
+    contender.times.extend(times)
+    contender.round_medians.append(statistics.median(t for t, _ in times))
+    if device == "cuda":
+        contender.transient = max(contender.transient, torch.cuda.max_memory_allocated() - base)
+
+
+def finish(contender: Contender, device: str) -> dict:
+    """The row's statistics: median step over every timed step, the range of the rounds'
+    medians as its spread."""
+    row = contender.row
+    if not contender.times:
+        return row
+    median = statistics.median(t for t, _ in contender.times)
+    row.update(
+        step_ms=median, step_ms_min_round=min(contender.round_medians),
+        step_ms_max_round=max(contender.round_medians), rounds=len(contender.round_medians),
+        steps=len(contender.times), tokens_per_s=row["B"] * row["T"] / (median / 1e3),
+        backward_share=1 - statistics.median(f for _, f in contender.times) / median,
+        peak_mib=(contender.resident + contender.transient) / 2**20 if device == "cuda" else None,
+    )
     return row
+
+
+def measure_side_by_side(
+    config: dict, model_kind: str, methods: list[str], device: str, args: argparse.Namespace
+) -> list[dict]:
+    """Every method of one config and model family, all in memory at once: first steps
+    one after another, then ``--rounds`` rounds in which each row takes ``--steps``
+    steps in turn, so that drifts of the machine (clocks, other load) hit every row alike.
+    A row's peak memory is what its model holds plus the most one of its steps added."""
+    contenders = [prepare(config, model_kind, method, device, args) for method in methods]
+    for _ in range(args.rounds):
+        for contender in contenders:
+            if contender.step is not None:
+                time_round(contender, args.steps, device)
+    return [finish(c, device) for c in contenders]
 
 
 def release(device: str) -> None:
@@ -223,8 +296,10 @@ def main(argv: list[str] | None = None) -> dict:
                         help="T values of the sweep at a fixed token count (default 64…4096; none with --small)")
     parser.add_argument("--methods", nargs="*", default=None, help="only these methods (e.g. cudnn-bptt dsf-dsf)")
     parser.add_argument("--skip", nargs="*", default=[], help="methods not to run (e.g. compile-bptt)")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps of a row in each round")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="rounds of timing; in each, every row of a config and model takes its steps in turn")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each row after its first")
     parser.add_argument("--compile-timeout", type=float, default=480.0,
                         help="seconds a first step (compilation included) may take before the row is given up")
     parser.add_argument("--no-scan", action="store_true", help="skip the scan-alone measurements")
@@ -255,21 +330,23 @@ def run(args: argparse.Namespace) -> dict:
     result = {"device": name, "torch": torch.__version__, "tf32": True, "rows": [], "scan": []}
     if args.resume and out.with_suffix(".json").is_file():
         result = json.loads(out.with_suffix(".json").read_text())
-    result["command"] = " ".join(["python", *sys.argv[1:]] if __name__ == "__main__" else ["bench.main"])
+    result["command"] = " ".join(["python", "experiments/bench.py", *sys.argv[1:]] if __name__ == "__main__"
+                                 else ["bench.main"])
     done = {(r["config"], r["model"], r["method"]) for r in result["rows"]}
     for config in configs_of(args):
         for model_kind, (_, methods) in FAMILIES.items():
             if model_kind == "cell" and config["name"].startswith("sweep"):
                 continue
-            for method in methods:
-                wanted = (args.methods is None or method in args.methods) and method not in args.skip
-                if not wanted or (config["name"], model_kind, method) in done:
-                    continue
-                row = measure(config, model_kind, method, device, args)
-                release(device)
+            wanted = [m for m in methods if (args.methods is None or m in args.methods) and m not in args.skip
+                      and (config["name"], model_kind, m) not in done]
+            if not wanted:
+                continue
+            rows = measure_side_by_side(config, model_kind, wanted, device, args)
+            release(device)
+            for row in rows:
                 print(json.dumps(row), flush=True)
-                result["rows"].append(row)
-                write(result, out)
+            result["rows"].extend(rows)
+            write(result, out)
         if not args.no_scan and not any(s["config"] == config["name"] for s in result["scan"]):
             result["scan"].extend(scan_against_floor(config, device))
             write(result, out)
@@ -284,16 +361,23 @@ def write(result: dict, out: Path) -> None:
 
 def markdown(result: dict) -> str:
     fmt = lambda v: "-" if v is None else (f"{v:.3g}" if isinstance(v, float) else v)
-    keys = ["config", "model", "method", "step_ms", "tokens_per_s", "peak_mib", "first_step_s", "backward_share"]
+    keys = ["config", "model", "method", "step_ms", "spread", "tokens_per_s", "peak_mib", "first_step_s",
+            "backward_share"]
     speedups = []
     for row in result["rows"]:
         base = next((r for r in result["rows"] if r["config"] == row["config"] and r["model"] == row["model"]
                      and r["method"] in ("cudnn-bptt", "eager-bptt") and r.get("step_ms")), None)
         speedups.append(base["step_ms"] / row["step_ms"] if base and row.get("step_ms") else None)
-    table = [[fmt(r.get(k)) for k in keys] + [fmt(s), r.get("status", "")] for r, s in zip(result["rows"], speedups)]
-    text = (f"# Training step, {result['device']}, torch {result['torch']}, TF32 {'on' if result['tf32'] else 'off'}"
-            f"\n\nProduced by `{result['command']}`.  Speed-up: the eager BPTT row of the same config and model "
-            "(cuDNN for nn.GRU) over this row.\n\n"
+    spread = lambda r: f"{r['step_ms_min_round']:.3g}–{r['step_ms_max_round']:.3g}" if "step_ms_min_round" in r else "-"
+    table = [[spread(r) if k == "spread" else fmt(r.get(k)) for k in keys] + [fmt(s), r.get("status", "")]
+             for r, s in zip(result["rows"], speedups)]
+    baseline = "cuDNN" if result["device"] != "cpu" and not result["device"].startswith("cpu") else "torch's fused op"
+    text = (f"# Training step, {result['device']}, torch {result['torch']}"
+            + (f", TF32 {'on' if result['tf32'] else 'off'}" if not result["device"].startswith("cpu") else "")
+            + f"\n\nProduced by `{result['command']}`.  step_ms: median over every timed step; spread: the "
+            "lowest and highest median of the timing rounds (rows of a config take turns each round).  "
+            f"Speed-up: the eager BPTT row of the same config and model ({baseline} for nn.GRU) over this row.  "
+            "Peak: what the model holds between steps plus the most one step allocates on top.\n\n"
             + tabulate(table, headers=[*keys, "speed-up", "status"], tablefmt="github") + "\n")
     if result["scan"]:
         text += ("\n## Reverse scan alone vs a copy of the same bytes (the memory floor)\n\n"

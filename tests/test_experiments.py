@@ -126,7 +126,7 @@ def test_benchmark_small_runs_every_row_and_resumes(tmp_path):
     import bench
 
     out = str(tmp_path / "bench")
-    common = ["--small", "--configs", "ptb", "--steps", "2", "--warmup", "0", "--out", out]
+    common = ["--small", "--configs", "ptb", "--steps", "2", "--rounds", "2", "--warmup", "0", "--out", out]
     first = bench.main([*common, "--methods", "cudnn-bptt", "dsf-dsf"])
     assert [(r["model"], r["method"]) for r in first["rows"]] == [
         ("nn.GRU", "cudnn-bptt"), ("nn.GRU", "dsf-dsf"), ("cell", "dsf-dsf")]
@@ -138,6 +138,7 @@ def test_benchmark_small_runs_every_row_and_resumes(tmp_path):
     assert result["rows"][0]["step_ms"] == kept  # measured once, kept on resume
     for row in result["rows"]:
         assert row["step_ms"] > 0 and row["tokens_per_s"] > 0 and 0 < row["backward_share"] < 1
+        assert row["rounds"] == 2 and row["step_ms_min_round"] <= row["step_ms"] <= row["step_ms_max_round"]
         if row["method"].startswith("dsf-"):
             assert row["loops"] == 2  # the rewrite really happened in the timed model
     assert [s["implementation"] for s in result["scan"]] == ["dsf (default)"] * 2
@@ -153,3 +154,14 @@ def test_benchmark_gives_up_a_first_step_past_the_time_limit(tmp_path):
                          "--no-scan", "--out", str(tmp_path / "bench")])
     (cell,) = [row for row in result["rows"] if row["model"] == "cell"]  # Inductor codegen: seconds at least
     assert cell["first_step_s"] is None and "not finished in 0.5 s" in cell["status"] and "step_ms" not in cell
+
+
+def test_profile_step_writes_a_table_per_method(tmp_path):
+    import profile_step
+
+    text = profile_step.main(["--small", "--config", "ptb", "--methods", "cudnn-bptt", "dsf-dsf", "--steps", "1",
+                              "--top", "5", "--out", str(tmp_path / "profile")])
+    assert (tmp_path / "profile.md").read_text() == text
+    assert text.count("## ptb nn.GRU ") == 2 and "step " in text and "Name" in text
+    with pytest.raises(SystemExit):
+        profile_step.main(["--small", "--model", "cell", "--methods", "dsf-ft"])  # not a cell row
