@@ -674,3 +674,57 @@ def test_hand_written_gru_blocks_train_like_nn_gru_blocks(mode):
     assert results[1][1].keys() == results[0][1].keys()
     for name, want in results[0][1].items():
         assert rel_err(results[1][1][name], want) <= 1e-9, name
+
+
+class InPlaceStep(nn.Module):
+    """A hand-written cell with an in-place op, in the ways people write them."""
+
+    def __init__(self, style):
+        super().__init__()
+        self.style = style
+        self.wx, self.wh = nn.Linear(IN, H), nn.Linear(H, H, bias=False)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        h = x.new_zeros(x.shape[1], H)
+        outs = []
+        for t in range(x.shape[0]):
+            g = self.wx(x[t])
+            if self.style == "method":
+                g.add_(self.wh(h))
+            elif self.style == "augmented":
+                g += self.wh(h)
+            else:
+                g = g + self.wh(h)
+            if self.style == "inplace module":
+                g = self.act(g)
+            if self.style == "item assignment":
+                g[:, 0] = 0.0
+            h = 2 * torch.tanh(g)
+            if self.style == "state":
+                h.mul_(0.5)
+            outs.append(h)
+        return torch.stack(outs)
+
+
+@pytest.mark.parametrize("mode", ["dsf", "bptt"])
+@pytest.mark.parametrize("style", ["method", "augmented", "inplace module", "item assignment", "state"])
+def test_in_place_ops_in_the_step_leave_the_loop_exact_and_reported(style, mode):
+    """Re-rolled from Dynamo's graph, an in-place op would be lost (the forward changed and
+    a weight went without gradient): the loop stays exact, forward and gradients those of
+    eager, and the report says why."""
+    torch.manual_seed(6)
+    model = InPlaceStep(style).double()
+    x = torch.randn(5, B, IN, dtype=torch.float64)
+    compiled = dsf_compile.apply(copy.deepcopy(model), mode, compiler="aot_eager")
+    with pytest.warns(UserWarning, match="no recurrent loop"):
+        got = compiled(x)
+    want = model(x)
+    assert rel_err(got.detach(), want.detach()) <= 1e-12
+    (got ** 2).sum().backward()
+    (want ** 2).sum().backward()
+    for (name, p), q in zip(compiled.named_parameters(), model.parameters()):
+        assert p.grad is not None and rel_err(p.grad, q.grad) <= 1e-12, name
+    report = dsf_compile.report(compiled)
+    assert report.loops == [] and len(report.left_exact) == 1
+    assert "in place" in report.left_exact[0].reason

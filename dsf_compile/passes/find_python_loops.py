@@ -18,6 +18,7 @@ the loop.  Anything else is left exact with the reason the check gave.
 from __future__ import annotations
 
 import functools
+import inspect
 import operator
 import re
 from dataclasses import dataclass, field
@@ -337,9 +338,48 @@ def random_op_problem(nodes) -> str | None:
     return None
 
 
+# Python's augmented assignments on tensors (``g += ...``) and item assignment.
+_INPLACE_OPERATORS = {
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+    operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+    operator.imatmul, operator.setitem,
+}
+
+
+def _writes_in_place(node: torch.fx.Node) -> bool:
+    if not _is_call(node):
+        return False
+    if node.target in _INPLACE_OPERATORS:
+        first = node.args[0] if node.args else None
+        return isinstance(first, torch.fx.Node) and isinstance(first.meta.get("example_value"), torch.Tensor)
+    name = _name(node)
+    if name.endswith("_") and not name.startswith("_"):  # torch's naming of in-place ops
+        return True
+    if "out" in node.kwargs or node.kwargs.get("inplace") is True:
+        return True
+    if node.op == "call_function" and callable(node.target):
+        try:
+            bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+        except (TypeError, ValueError):  # builtins without a signature, or not bindable
+            return False
+        return bound.arguments.get("inplace") is True
+    return False
+
+
+def mutation_problem(nodes) -> str | None:
+    """A step that changes a tensor in place cannot be re-rolled from the graph: Dynamo's
+    graph keeps the mutation as a node whose result later ops do not read (they read the
+    mutated tensor by its old name), so the step body would silently lose it."""
+    for node in nodes:
+        if _writes_in_place(node):
+            return (f"the step changes a tensor in place ({_name(node)}); write that line out of place "
+                    "(e.g. `g = g + x` instead of `g += x` or `g.add_(x)`) for the loop to be rewritten")
+    return None
+
+
 def _build(segments, check: _Check, families) -> PythonLoop:
     carry_positions = sorted(set(check.carry_slots.values()))
-    problem = random_op_problem(segments[0])
+    problem = random_op_problem(segments[0]) or mutation_problem(segments[0])
     if problem:
         raise NotALoop(problem)
     for j in carry_positions:
