@@ -62,11 +62,14 @@ def recurrent_ops_visible():
     """A context in which Dynamo traces nn.RNN/GRU/LSTM into the graph instead of running
     them eagerly behind a graph break (its default, DESIGN.md §6).
 
-    It also raises Dynamo's per-function recompile limit: every model of one class shares
-    its ``forward``'s cache, and past the limit Dynamo silently runs eagerly, i.e. with
-    exact gradients instead of the mode asked for.
+    It also raises Dynamo's per-function recompile limit (every model of one class shares
+    its ``forward``'s cache; a Python loop recompiles for every new length) and makes
+    hitting it an error instead of Dynamo's silent eager run, i.e. exact gradients instead
+    of the mode asked for: :func:`apply`'s forward turns that error into a loud eager call.
     """
-    return torch._dynamo.config.patch(allow_rnn=True, recompile_limit=RECOMPILE_LIMIT)
+    return torch._dynamo.config.patch(
+        allow_rnn=True, recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True
+    )
 
 
 def _compile_forward(model: nn.Module, dsf_backend: DSFBackend, dynamic: bool | None):
@@ -128,13 +131,31 @@ class _CompiledForward:
         return _CompiledForward(copy.deepcopy(self.model, memo), self.compiled, self.backend)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with _our_errors_unwrapped(), recurrent_ops_visible(), _GraphBreaks() as breaks:
-            out = self.compiled(self.model, *args, **kwargs)
+        try:
+            with _our_errors_unwrapped(), recurrent_ops_visible(), _GraphBreaks() as breaks:
+                out = self.compiled(self.model, *args, **kwargs)
+        except torch._dynamo.exc.FailOnRecompileLimitHit as error:
+            return self._run_eagerly(error, args, kwargs)
         self.backend.graph_breaks.extend(b for b in breaks if b not in self.backend.graph_breaks)
         if not self._checked:
             self._checked = True
             self._warn_if_nothing_found()
         return out
+
+    def _run_eagerly(self, error: Exception, args: tuple, kwargs: dict) -> Any:
+        """The model's own forward, uncompiled, said loudly: Dynamo will compile no more
+        graphs for this forward (its recompile limit is hit, typically by many sequence
+        lengths), so this call trains with exact gradients whatever the mode."""
+        reason = (
+            f"Dynamo's recompile limit ({RECOMPILE_LIMIT} graphs for {type(self.model).__name__}.forward) is hit, "
+            "so calls that need a new graph (a new sequence length, a new model of the class) run eagerly; "
+            "pad or bucket sequence lengths to a few values"
+        )
+        if reason not in self.backend.eager_calls:
+            self.backend.eager_calls.append(reason)
+            last = " ".join(str(error).split())[:300]
+            warnings.warn(f"dsf_compile: this call runs eagerly with exact gradients: {reason} ({last})", stacklevel=3)
+        return type(self.model).forward(self.model, *args, **kwargs)
 
     def _warn_if_nothing_found(self) -> None:
         report = self.backend.report

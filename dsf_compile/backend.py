@@ -61,13 +61,15 @@ class DSFBackend:
         self._left: dict[tuple[str, str, str], LeftExact] = {}
         self.graphs: list[tuple[str, torch.fx.GraphModule]] = []
         self.graph_breaks: list[str] = []
+        self.eager_calls: list[str] = []
 
     def __deepcopy__(self, memo: dict) -> DSFBackend:
         return self  # shared by copies of a model, like the compiled function that calls it
 
     @property
     def report(self) -> Report:
-        return Report(list(self._loops.values()), list(self._left.values()), list(self.graph_breaks))
+        return Report(list(self._loops.values()), list(self._left.values()), list(self.graph_breaks),
+                      list(self.eager_calls))
 
     def lam_for(self, loop: LoopIR) -> torch.Tensor | None:
         """λ of ``loop`` under this backend's mode (None: exact)."""

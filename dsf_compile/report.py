@@ -27,11 +27,13 @@ class LoopReport:
 
 @dataclass
 class Report:
-    """Loops found (``.loops``) and things left exact (``.left_exact``), over all graphs."""
+    """Loops found (``.loops``) and things left exact (``.left_exact``), over all graphs;
+    ``.eager_calls``: calls that ran without any compiled graph (exact gradients), and why."""
 
     loops: list[LoopReport] = field(default_factory=list)
     left_exact: list[LeftExact] = field(default_factory=list)
     graph_breaks: list[str] = field(default_factory=list)
+    eager_calls: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         parts = []
@@ -52,4 +54,7 @@ class Report:
             parts.append(
                 "graph breaks (code outside the compiled graphs runs eagerly, with exact gradients):\n" + reasons
             )
+        if self.eager_calls:
+            reasons = "\n".join(f"  - {reason}" for reason in self.eager_calls)
+            parts.append("calls run eagerly, every loop with exact gradients:\n" + reasons)
         return "\n\n".join(parts)

@@ -1,5 +1,7 @@
 """Properties that pin DSF down without the reference, dropout, shapes, and graph structure."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -146,3 +148,47 @@ def test_backward_graph_has_one_scan_per_loop_and_no_per_step_matmuls():
     matmuls = ["aten.mm", "aten.addmm", "aten.bmm"]
     assert count(long, matmuls) == count(short, matmuls) > 0
     assert count(long, ["dsf.loop_states"]) == 0
+
+
+class _LoopOverGRUCell(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.cell = nn.GRUCell(3, 4)
+
+    def forward(self, x):
+        h = x.new_zeros(x.shape[1], 4)
+        outs = []
+        for t in range(x.shape[0]):
+            h = self.cell(x[t], h)
+            outs.append(h)
+        return torch.stack(outs)
+
+
+def test_past_dynamos_recompile_limit_calls_run_eagerly_and_say_so(monkeypatch, recwarn):
+    """Each new length of a Python loop is a new graph; past Dynamo's limit it would run the
+    forward eagerly without a word (exact gradients, the report still saying dsf).  Here
+    such a call runs eagerly with a warning and a line in the report; lengths that already
+    have a graph keep theirs."""
+    monkeypatch.setattr(dsf_compile, "RECOMPILE_LIMIT", 2)
+    torch.manual_seed(7)
+    model = _LoopOverGRUCell().double()
+    compiled = dsf_compile.apply(copy.deepcopy(model), "dsf", compiler="aot_eager")
+    inputs = {T: torch.randn(T, 2, 3, dtype=torch.float64) for T in (3, 4, 5)}
+    for T in (3, 4):
+        compiled(inputs[T])
+    assert dsf_compile.report(compiled).eager_calls == []
+    with pytest.warns(UserWarning, match="runs eagerly with exact gradients: Dynamo's recompile limit"):
+        got = compiled(inputs[5])
+    (got ** 2).sum().backward()
+    want = model(inputs[5])
+    (want ** 2).sum().backward()
+    assert rel_err(got.detach(), want.detach()) <= 1e-12
+    assert_close({n: p.grad for n, p in compiled.named_parameters()},
+                 {n: p.grad for n, p in model.named_parameters()}, 1e-12)
+    report = dsf_compile.report(compiled)
+    assert len(report.eager_calls) == 1 and "recompile limit (2 graphs" in report.eager_calls[0]
+    assert "calls run eagerly" in str(report)
+    recwarn.clear()
+    compiled(inputs[3])  # its graph is still used: nothing new to say
+    assert not [w for w in recwarn if "eagerly" in str(w.message)]
+    assert len(dsf_compile.report(compiled).eager_calls) == 1
