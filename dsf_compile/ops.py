@@ -54,6 +54,19 @@ def looped_linear_scan(g: Tensor, lam: Tensor, backwards: bool) -> Tensor:
     return delta
 
 
+def differentiable(tensors) -> list[int]:
+    """Positions of the tensors that can have a gradient (floating point or complex)."""
+    return [i for i, t in enumerate(tensors) if t.is_floating_point() or t.is_complex()]
+
+
+def filled(values, slots: list[int], replacements) -> list:
+    """``values`` with ``replacements`` put at ``slots``."""
+    values = list(values)
+    for i, value in zip(slots, replacements):
+        values[i] = value
+    return values
+
+
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     """Scans accumulate in float32 at least: δ sums many terms of decaying size."""
     return torch.promote_types(dtype, torch.float32)
@@ -130,13 +143,17 @@ def loop_states_backward(
     Recomputes the forward with autograd on (cuDNN's own backward on CUDA): one more
     forward pass buys a graph whose size does not depend on T.
     """
-    inputs = [t.detach().requires_grad_() for t in (*step_inputs, *carries, *invariants)]
+    inputs = [t.detach() for t in (*step_inputs, *carries, *invariants)]
+    slots = differentiable(inputs)  # not token ids or masks
+    for i in slots:
+        inputs[i].requires_grad_()
     n_in, n_carry = len(step_inputs), len(carries)
     with eager_dispatch(grad=True):
         states = run_kernel(
             kernel, reverse, inputs[:n_in], inputs[n_in : n_in + n_carry], inputs[n_in + n_carry :]
         )
-        found = torch.autograd.grad(states, inputs, grads, allow_unused=True)
+        found = torch.autograd.grad(states, [inputs[i] for i in slots], grads, allow_unused=True)
+    found = filled([None] * len(inputs), slots, found)
     found = [t.new_zeros(t.shape) if d is None else d.contiguous() for t, d in zip(inputs, found)]
     return unaliased(found, (*grads, *step_inputs, *carries, *invariants))
 
@@ -176,6 +193,8 @@ def _loop_states_grad(ctx, grads):
     length = step_inputs[0].shape[0]
     grads = [c.new_zeros((length, *c.shape)) if g is None else g for g, c in zip(grads, carries)]
     found = loop_states_backward(ctx.kernel, ctx.reverse, grads, step_inputs, carries, invariants)
+    inputs = (*step_inputs, *carries, *invariants)
+    found = filled([None] * len(found), differentiable(inputs), [found[i] for i in differentiable(inputs)])
     return None, None, found[:n_in], found[n_in : n_in + n_carry], found[n_in + n_carry :]
 
 

@@ -57,11 +57,18 @@ class DiagonalFeedback(torch.autograd.Function):
         first = delta[-1] if loop.reverse else delta[0]
         previous = [previous_states(s, c, loop.reverse) for s, c in zip(states, init)]
 
-        def body_over_time(xs, ws):
-            return tuple(batched_body(loop, list(xs), previous, list(ws)))
+        # token ids, masks: inputs of the step that have no gradient
+        x_slots, w_slots = ops.differentiable(step_inputs), ops.differentiable(invariants)
 
-        _, vjp = torch.func.vjp(body_over_time, tuple(step_inputs), tuple(invariants))
-        step_grads, invariant_grads = vjp(tuple(delta.split(sizes, -1)))
+        def body_over_time(xs, ws):
+            xs, ws = ops.filled(step_inputs, x_slots, xs), ops.filled(invariants, w_slots, ws)
+            return tuple(batched_body(loop, xs, previous, ws))
+
+        _, vjp = torch.func.vjp(body_over_time, tuple(step_inputs[i] for i in x_slots),
+                                tuple(invariants[i] for i in w_slots))
+        x_grads, w_grads = vjp(tuple(delta.split(sizes, -1)))
+        step_grads = ops.filled([None] * len(step_inputs), x_slots, x_grads)
+        invariant_grads = ops.filled([None] * len(invariants), w_slots, w_grads)
         init_grads = (lam.to(first.dtype) * first).split(sizes, -1)
         return (None, None, None, *([None] * n_states), *step_grads, *init_grads, *invariant_grads)
 

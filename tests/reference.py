@@ -145,7 +145,8 @@ def dsf_reference_loop(step, xs, init, lam, loss_of_states, params):
 
     ``xs``: per-step inputs in iteration order (each a tuple of tensors); ``init``: the
     initial carries (tuple); ``states[t]`` is the tuple of carries after step t; λ is over
-    the carries concatenated in order.  Returns grads for ``params``, each x, and init.
+    the carries concatenated in order.  Returns grads for ``params``, each x (its floating
+    tensors: token ids and masks have none), and init.
     """
     states, prev = [], []
     s = tuple(c.detach() for c in init)
@@ -171,12 +172,13 @@ def dsf_reference_loop(step, xs, init, lam, loss_of_states, params):
         nxt = delta[t]
     x_grads = []
     for t, x in enumerate(xs):
-        x_leaf = tuple(v.clone().requires_grad_() for v in x)
+        x_leaf = tuple(v.clone().requires_grad_(v.is_floating_point()) for v in x)  # not token ids, masks
+        wrt = [v for v in x_leaf if v.requires_grad]
         with torch.enable_grad():
             new = torch.cat(step(*x_leaf, *prev[t]), -1)
-            found = torch.autograd.grad(new, [*x_leaf, *params], delta[t], allow_unused=True)
-        x_grads.append(found[: len(x)])
-        for i, d in enumerate(found[len(x) :]):
+            found = torch.autograd.grad(new, [*wrt, *params], delta[t], allow_unused=True)
+        x_grads.append(found[: len(wrt)])
+        for i, d in enumerate(found[len(wrt) :]):
             if d is not None:
                 grads[i] += d
     init_grad = (lam * delta[0]).split(sizes, -1)

@@ -728,3 +728,57 @@ def test_in_place_ops_in_the_step_leave_the_loop_exact_and_reported(style, mode)
     report = dsf_compile.report(compiled)
     assert report.loops == [] and len(report.left_exact) == 1
     assert "in place" in report.left_exact[0].reason
+
+
+class MaskedEmbeddingGRU(nn.Module):
+    """Token ids looked up inside the loop and a padding mask that holds the state: the
+    most common shape of a hand-written RNN over padded batches, in three slicing styles."""
+
+    def __init__(self, style):
+        super().__init__()
+        self.style = style
+        self.embedding, self.cell = nn.Embedding(11, IN), nn.GRUCell(IN, H)
+
+    def step(self, token, keep, h):
+        return torch.where(keep, self.cell(self.embedding(token), h), h)
+
+    def forward(self, tokens, mask):
+        h = torch.zeros(tokens.shape[0], H, dtype=self.embedding.weight.dtype)
+        outs = []
+        for t in range(tokens.shape[1]):
+            if self.style == "index":
+                token, keep = tokens[:, t], mask[:, t, None]
+            elif self.style == "unit slice":
+                token, keep = tokens[:, t : t + 1].squeeze(1), mask[:, t : t + 1]
+            else:
+                token, keep = tokens.narrow(1, t, 1).squeeze(1), mask.narrow(1, t, 1)
+            h = self.step(token, keep, h)
+            outs.append(h)
+        return torch.stack(outs, 1)
+
+
+@pytest.mark.parametrize("mode", ["dsf", "ft", "bptt"])
+@pytest.mark.parametrize("style", ["index", "unit slice", "narrow"])
+def test_token_ids_and_padding_masks_are_per_step_inputs(style, mode):
+    torch.manual_seed(8)
+    model = MaskedEmbeddingGRU(style).double()
+    tokens, mask = torch.randint(0, 11, (B, 6)), torch.rand(B, 6) > 0.3
+    weights = torch.randn(B, 6, H, dtype=torch.float64)
+    compiled = dsf_compile.apply(copy.deepcopy(model), mode, compiler="aot_eager")
+    got = compiled(tokens, mask)
+    (got * weights).sum().backward()
+    assert rel_err(got.detach(), model(tokens, mask).detach()) <= 1e-12
+    report = dsf_compile.report(compiled)
+    assert len(report.loops) == 1 and not report.left_exact
+    if mode == "bptt":
+        (model(tokens, mask) * weights).sum().backward()
+        want = [p.grad for p in model.parameters()]
+    else:
+        lam = torch.linspace(0, 1, H, dtype=torch.float64) if mode == "dsf" else torch.zeros(H, dtype=torch.float64)
+        xs = [(tokens[:, t], mask[:, t, None]) for t in range(6)]
+        loss = lambda states: sum((s[0] * weights[:, t]).sum() for t, s in enumerate(states))
+        _, want, _, _ = dsf_reference_loop(lambda tok, keep, h: (model.step(tok, keep, h),), xs,
+                                           (torch.zeros(B, H, dtype=torch.float64),), lam, loss,
+                                           list(model.parameters()))
+    for (name, p), w in zip(compiled.named_parameters(), want):
+        assert rel_err(p.grad, w) <= 1e-9, name

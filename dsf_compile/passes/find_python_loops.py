@@ -2,8 +2,9 @@
 
 A Python ``for`` loop over time reaches the graph as T consecutive copies of the step's
 nodes.  The search is anchored on **per-step inputs**: families of slices of one tensor
-indexed by the step (``x[:, t]``, ``x[t]``, ``x.unbind(d)[t]``, ``x.split(1, d)[t]``,
-``x.select(d, t)``).  The first uses of a family's members, in program order, must be
+indexed by the step (``x[:, t]``, ``x[t]``, ``mask[:, t, None]``, ``x[:, t:t+1]``,
+``x.narrow(d, t, 1)``, ``x.unbind(d)[t]``, ``x.split(1, d)[t]``, ``x.select(d, t)``).
+The first uses of a family's members, in program order, must be
 evenly spaced: that spacing is the step's size, and it proposes a segmentation of the
 graph into T segments (tried at every phase).
 
@@ -49,13 +50,40 @@ class StepInputFamily:
 
     key: tuple
     source: torch.fx.Node
-    kind: str  # "index" (getitem with one int), "sequence" (unbind/split/chunk), "select"
+    kind: str  # "index" (getitem or narrow), "sequence" (unbind/split/chunk), "select"
     dim: int
     members: dict[int, torch.fx.Node] = field(default_factory=dict)
+    # For "index": what the slices index besides time, applied to the (T, ...) stack of
+    # the source's steps (``mask[:, t, None]`` → ``[:, :, None]``); () when nothing.
+    after: tuple = ()
 
 
-def _slice_of(node: torch.fx.Node) -> tuple[tuple, torch.fx.Node, str, int, int] | None:
-    """(family key, source, kind, dim, index) if ``node`` takes one step of a tensor."""
+def _unit_slice(entry) -> bool:
+    """``t:t+1``, a step kept as an axis of size 1."""
+    return (isinstance(entry, slice) and isinstance(entry.start, int) and entry.start >= 0
+            and entry.stop == entry.start + 1 and entry.step in (None, 1))
+
+
+def _step_of_index(idx: tuple) -> tuple[int, int, tuple, str] | None:
+    """(tensor dim, step, index of the rest, pattern) if ``x[idx]`` takes one step of
+    ``x``: one int or ``t:t+1`` entry, the others ``:`` or ``None``."""
+    steps = [i for i, e in enumerate(idx) if isinstance(e, int) or _unit_slice(e)]
+    if len(steps) != 1:
+        return None
+    (k,) = steps
+    if not all(e is None or e == slice(None) for i, e in enumerate(idx) if i != k):
+        return None
+    entry = idx[k]
+    dim = sum(e is not None for e in idx[:k])
+    step = entry if isinstance(entry, int) else entry.start
+    rest = idx[:k] + ((None,) if isinstance(entry, slice) else ()) + idx[k + 1 :]
+    after = rest if any(e is None for e in rest) else ()
+    pattern = repr(tuple(("t:t+1" if isinstance(entry, slice) else "t") if i == k else e for i, e in enumerate(idx)))
+    return dim, step, after, pattern
+
+
+def _slice_of(node: torch.fx.Node) -> tuple[tuple, torch.fx.Node, str, int, int, tuple] | None:
+    """(family key, source, kind, dim, index, after) if ``node`` takes one step of a tensor."""
     if node.op == "call_function" and node.target is operator.getitem:
         src, idx = node.args
         if not isinstance(src, torch.fx.Node):
@@ -64,22 +92,25 @@ def _slice_of(node: torch.fx.Node) -> tuple[tuple, torch.fx.Node, str, int, int]
             dim = src.kwargs.get("dim", src.args[2] if len(src.args) > 2 else 0)
             if _name(src) == "unbind":
                 dim = src.kwargs.get("dim", src.args[1] if len(src.args) > 1 else 0)
-            return ("sequence", src), src, "sequence", dim, idx
+            return ("sequence", src), src, "sequence", dim, idx, ()
         example = src.meta.get("example_value")
         if not isinstance(example, torch.Tensor):
             return None
-        if isinstance(idx, int):
-            return ("index", src, "[t]"), src, "index", 0, idx
-        if isinstance(idx, tuple):
-            ints = [i for i, e in enumerate(idx) if isinstance(e, int)]
-            plain = all(isinstance(e, int) or (isinstance(e, slice) and e == slice(None)) for e in idx)
-            if len(ints) == 1 and plain:
-                pattern = repr(tuple("t" if i == ints[0] else e for i, e in enumerate(idx)))
-                return ("index", src, pattern), src, "index", ints[0], idx[ints[0]]
+        found = _step_of_index(idx if isinstance(idx, tuple) else (idx,))
+        if found is not None:
+            dim, step, after, pattern = found
+            return ("index", src, pattern), src, "index", dim, step, after
     if _is_call(node) and _name(node) == "select" and len(node.args) == 3:
         src, dim, idx = node.args
         if isinstance(src, torch.fx.Node) and isinstance(dim, int) and isinstance(idx, int):
-            return ("select", src, dim), src, "select", dim, idx
+            return ("select", src, dim), src, "select", dim, idx, ()
+    if _is_call(node) and _name(node) == "narrow" and len(node.args) == 4 and not node.kwargs:
+        src, dim, start, length = node.args
+        example = src.meta.get("example_value") if isinstance(src, torch.fx.Node) else None
+        if isinstance(example, torch.Tensor) and isinstance(dim, int) and isinstance(start, int) and length == 1:
+            dim = dim % example.dim()
+            after = (slice(None),) * dim + (None,)
+            return ("index", src, f"narrow({dim}, t, 1)"), src, "index", dim, start, after
     return None
 
 
@@ -90,8 +121,8 @@ def step_input_families(graph: torch.fx.Graph) -> dict[torch.fx.Node, StepInputF
         found = _slice_of(node)
         if found is None:
             continue
-        key, src, kind, dim, index = found
-        family = families.setdefault(key, StepInputFamily(key, src, kind, dim))
+        key, src, kind, dim, index, after = found
+        family = families.setdefault(key, StepInputFamily(key, src, kind, dim, after=after))
         family.members.setdefault(index, node)
     return {m: f for f in families.values() if len(f.members) > 1 for m in f.members.values()}
 

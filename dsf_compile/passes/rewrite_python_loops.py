@@ -52,7 +52,10 @@ def _stack_step_input(graph: torch.fx.Graph, family: StepInputFamily, indices: l
     else:
         return graph.call_function(torch.stack, ([family.members[i] for i in ordered],))
     moved = graph.call_function(torch.movedim, (tensor, dim, 0))
-    return graph.call_function(torch.narrow, (moved, 0, low, length))
+    steps = graph.call_function(torch.narrow, (moved, 0, low, length))
+    if family.after:
+        return graph.call_function(operator.getitem, (steps, (slice(None), *family.after)))
+    return steps
 
 
 def rewrite_python_loop(gm: torch.fx.GraphModule, found: PythonLoop, mode: str, lam: Tensor | None) -> None:
