@@ -782,3 +782,37 @@ def test_token_ids_and_padding_masks_are_per_step_inputs(style, mode):
                                            list(model.parameters()))
     for (name, p), w in zip(compiled.named_parameters(), want):
         assert rel_err(p.grad, w) <= 1e-9, name
+
+
+class ColumnStateRNN(nn.Module):
+    """A state kept as (features, batch), updated as ``h = W @ h + U @ x_t^T``."""
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.u = nn.Parameter(torch.randn(H, H) / 3), nn.Parameter(torch.randn(H, IN) / 3)
+
+    def forward(self, x):
+        h = x.new_zeros(H, x.shape[0])
+        outs = []
+        for t in range(x.shape[1]):
+            h = torch.tanh(self.w @ h + self.u @ x[:, t].T)
+            outs.append(h)
+        return torch.stack(outs)
+
+
+@pytest.mark.parametrize("mode", ["dsf", "bptt"])
+def test_a_state_laid_out_features_by_batch_stays_exact_and_reported(mode):
+    torch.manual_seed(9)
+    model = ColumnStateRNN().double()
+    x = torch.randn(B, 6, IN, dtype=torch.float64)
+    compiled = dsf_compile.apply(copy.deepcopy(model), mode, compiler="aot_eager")
+    with pytest.warns(UserWarning, match="no recurrent loop"):
+        got = compiled(x)
+    want = model(x)
+    assert rel_err(got.detach(), want.detach()) <= 1e-12
+    (got ** 2).sum().backward()
+    (want ** 2).sum().backward()
+    for p, q in zip(compiled.parameters(), model.parameters()):
+        assert rel_err(p.grad, q.grad) <= 1e-12
+    (item,) = dsf_compile.report(compiled).left_exact
+    assert "(features, batch)" in item.reason

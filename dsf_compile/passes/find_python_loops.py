@@ -281,6 +281,29 @@ def _carry_shape_problem(node: torch.fx.Node) -> str | None:
     return None
 
 
+def _layout_problem(carries: list[torch.fx.Node], step_families: list[StepInputFamily]) -> str | None:
+    """λ acts on a state's last dim, so rows must be samples: every state's first dim is
+    the batch, the leading dim of the per-step inputs.  A state kept as (features, batch)
+    (``h = W @ h``) would get a λ over samples; it is left exact instead."""
+    batches = {c.meta["example_value"].shape[0] for c in carries}
+    for family in step_families:
+        member = next(iter(family.members.values())).meta.get("example_value")
+        if not isinstance(member, torch.Tensor):
+            continue
+        # the axes of size 1 a slice keeps in place of time: split/chunk's, ``x[:, t:t+1]``'s
+        kept = {family.dim} if family.kind == "sequence" and _name(family.source) != "unbind" else set()
+        kept |= {i for i, e in enumerate(family.after) if e is None}
+        shape = [n for i, n in enumerate(member.shape) if i not in kept]
+        if shape:
+            batches.add(shape[0])
+    if len(batches) > 1:
+        shapes = ", ".join(f"{c.name} {tuple(c.meta['example_value'].shape)}" for c in carries)
+        return (f"the states ({shapes}) and the per-step inputs disagree on the batch size along their first "
+                f"dim ({sorted(batches)}): a (features, batch) layout?  λ acts on a state's last dim, so states "
+                "must be (batch, features)")
+    return None
+
+
 def _score(segments, check: _Check) -> tuple[int, int]:
     """Fewer carries first; then prefer carries that the program uses after the loop."""
     carries = sorted(set(check.carry_slots.values()))
@@ -449,6 +472,9 @@ def _build(segments, check: _Check, families) -> PythonLoop:
         index0 = next(_index_of(family, la) for (k, i), (f, _) in check.step_slots.items() if f is family
                       for la in [_flat_args(first[k])[0][i]])
         step_inputs.append((family, [index0 + t * stride for t in range(steps)]))
+    problem = _layout_problem([first[j] for j in carry_positions], step_families)
+    if problem:
+        raise NotALoop(problem)
     paths = [module_path(n).split(".") for n in first if n.meta.get("nn_module_stack")]
     common = paths[0] if paths else []
     for p in paths[1:]:
