@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
+import sys
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -66,18 +69,21 @@ def recurrent_ops_visible():
     its ``forward``'s cache; a Python loop recompiles for every new length) and makes
     hitting it an error instead of Dynamo's silent eager run, i.e. exact gradients instead
     of the mode asked for: :func:`apply`'s forward turns that error into a loud eager call.
+    Python floats are constants of the graph (``specialize_float``): a model built with
+    another dropout than an earlier one of its class must not turn the rate into a graph
+    input, which the rewrites need as a number.
     """
     return torch._dynamo.config.patch(
-        allow_rnn=True, recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True
+        allow_rnn=True, recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True, specialize_float=True
     )
 
 
-def _compile_forward(model: nn.Module, dsf_backend: DSFBackend, dynamic: bool | None):
-    # The class's own forward, taking the model as its first argument: Dynamo skips the
+def _compile_method(model: nn.Module, name: str, dsf_backend: DSFBackend, dynamic: bool | None):
+    # The class's own method, taking the model as its first argument: Dynamo skips the
     # bound ``_call_impl`` of a bare torch.nn module (``nn.GRU(...).compile()`` silently
-    # runs eagerly), an applied model's ``forward`` is our wrapper, and a copy of the model
+    # runs eagerly), an applied model's method is our wrapper, and a copy of the model
     # (``copy.deepcopy``) must run with its own parameters, not the original's.
-    forward = type(model).forward
+    forward = getattr(type(model), name)
     # An earlier plain torch.compile of this class may have marked its forward "skip"
     # (nn.GRU breaks the graph inside a loop over layers without allow_rnn), which would
     # make this compile silently run eagerly.  Other compiled models of the class only
@@ -118,21 +124,21 @@ def _our_errors_unwrapped():
 
 
 class _CompiledForward:
-    """Replaces ``model.forward``: runs the compiled forward with recurrent ops
-    visible to Dynamo, surfaces our own errors unwrapped, and warns once when the model
-    turned out to hold no loop to rewrite."""
+    """Replaces ``model.forward`` (or another method named in ``apply``): runs the compiled
+    method with recurrent ops visible to Dynamo, surfaces our own errors unwrapped, and
+    warns once when the model turned out to hold no loop to rewrite."""
 
-    def __init__(self, model: nn.Module, compiled, dsf_backend: DSFBackend) -> None:
-        self.model, self.compiled, self.backend, self._checked = model, compiled, dsf_backend, False
+    def __init__(self, model: nn.Module, name: str, compiled, dsf_backend: DSFBackend) -> None:
+        self.model, self.name, self.compiled, self.backend, self._checked = model, name, compiled, dsf_backend, False
 
     def __deepcopy__(self, memo: dict) -> _CompiledForward:
         # the copy runs its own model through the same compiled function (Dynamo guards
         # on the model, so it gets its own graphs) and reports to the same backend
-        return _CompiledForward(copy.deepcopy(self.model, memo), self.compiled, self.backend)
+        return _CompiledForward(copy.deepcopy(self.model, memo), self.name, self.compiled, self.backend)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
-            with _our_errors_unwrapped(), recurrent_ops_visible(), _GraphBreaks() as breaks:
+            with _our_errors_unwrapped(), recurrent_ops_visible(), _GraphBreaks() as breaks, self.backend.running():
                 out = self.compiled(self.model, *args, **kwargs)
         except torch._dynamo.exc.FailOnRecompileLimitHit as error:
             return self._run_eagerly(error, args, kwargs)
@@ -147,7 +153,7 @@ class _CompiledForward:
         graphs for this forward (its recompile limit is hit, typically by many sequence
         lengths), so this call trains with exact gradients whatever the mode."""
         reason = (
-            f"Dynamo's recompile limit ({RECOMPILE_LIMIT} graphs for {type(self.model).__name__}.forward) is hit, "
+            f"Dynamo's recompile limit ({RECOMPILE_LIMIT} graphs for {type(self.model).__name__}.{self.name}) is hit, "
             "so calls that need a new graph (a new sequence length, a new model of the class) run eagerly; "
             "pad or bucket sequence lengths to a few values"
         )
@@ -155,7 +161,8 @@ class _CompiledForward:
             self.backend.eager_calls.append(reason)
             last = " ".join(str(error).split())[:300]
             warnings.warn(f"dsf_compile: this call runs eagerly with exact gradients: {reason} ({last})", stacklevel=3)
-        return type(self.model).forward(self.model, *args, **kwargs)
+        with self.backend.running():
+            return getattr(type(self.model), self.name)(self.model, *args, **kwargs)
 
     def _warn_if_nothing_found(self) -> None:
         report = self.backend.report
@@ -179,6 +186,7 @@ def apply(
     strict: bool = False,
     compiler: str = "inductor",
     dynamic: bool | None = None,
+    methods: Sequence[str] = ("forward",),
 ) -> nn.Module:
     """Compile ``model`` in place so that its recurrent loops train with ``mode``.
 
@@ -189,13 +197,66 @@ def apply(
     size) or a callable ``LoopIR -> λ``.  ``strict=True`` makes anything that would be
     left exact an error.  ``compiler``: ``"inductor"``, or ``"aot_eager"`` to run the
     rewritten graphs without code generation (fast to build; debugging, tests).
-    ``dynamic`` is passed to ``torch.compile``.  Parameter names and ``state_dict`` keys
-    are unchanged; the same object is returned.  See :func:`report` for what was rewritten.
+    ``dynamic`` is passed to ``torch.compile``.  ``methods``: the methods training runs
+    through, each compiled (a tagger trained by ``model.neg_log_likelihood(...)`` needs
+    ``methods=("forward", "neg_log_likelihood")``); a recurrent module (nn.RNN/GRU/LSTM or
+    an nn.*Cell) that trains outside them runs eagerly with exact gradients, which is
+    warned about and listed in ``report().eager_calls``.  Parameter names and
+    ``state_dict`` keys are unchanged; the same object is returned.  See :func:`report`
+    for what was rewritten.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"dsf_compile.apply takes an nn.Module (the model to train), not {type(model).__name__}")
     dsf_backend = backend(mode, feedback, seed=seed, strict=strict, compiler=compiler)
-    model.forward = _CompiledForward(model, _compile_forward(model, dsf_backend, dynamic), dsf_backend)
+    for name in methods:
+        if not callable(getattr(type(model), name, None)):
+            raise ValueError(f"methods: {type(model).__name__} has no method {name!r}")
+    for name in methods:
+        setattr(model, name, _CompiledForward(model, name, _compile_method(model, name, dsf_backend, dynamic),
+                                              dsf_backend))
+    for path, module in model.named_modules():
+        # (the model itself is called through its compiled forward: its hooks run before it)
+        if path and isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
+            module.register_forward_pre_hook(_OutsideCallCheck(dsf_backend, path, methods))
     model._dsf_backend = dsf_backend
     return model
+
+
+class _OutsideCallCheck:
+    """A forward pre-hook on a recurrent module: training it outside the compiled methods
+    (another method calling it directly) runs it eagerly, with exact gradients whatever
+    the mode; say so instead of leaving the report's word for it."""
+
+    def __init__(self, dsf_backend: DSFBackend, path: str, methods: Sequence[str]) -> None:
+        self.backend, self.path, self.methods = dsf_backend, path, tuple(methods)
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        if torch.compiler.is_compiling() or self.backend.is_running or not torch.is_grad_enabled():
+            return
+        if not any(p.requires_grad for p in module.parameters()):
+            return
+        caller = _calling_method(module)
+        reason = (
+            f"{self.path!r} ({type(module).__name__}) ran outside the compiled method(s) "
+            f"{', '.join(self.methods)}{f', called from {caller!r}' if caller else ''}: it trains with exact "
+            f"gradients; pass methods=(..., {caller or 'the method that calls it'!r}) to dsf_compile.apply"
+        )
+        if reason not in self.backend.eager_calls:
+            self.backend.eager_calls.append(reason)
+            warnings.warn(f"dsf_compile: {reason}", stacklevel=4)
+
+
+def _calling_method(module: nn.Module) -> str | None:
+    """The name of the function that called ``module``, outside torch's own frames."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if not frame.f_code.co_filename.startswith(_TORCH_DIR):
+            return frame.f_code.co_name
+        frame = frame.f_back
+    return None
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
 
 
 def report(model: nn.Module) -> Report:
@@ -218,7 +279,7 @@ def explain(
     would leave exact and why.  Runs the model once (without gradients); the model
     itself is not changed."""
     probe = backend(mode, feedback, seed=seed, compiler="none")
-    compiled = _compile_forward(model, probe, dynamic=False)
+    compiled = _compile_method(model, "forward", probe, dynamic=False)
     with _our_errors_unwrapped(), recurrent_ops_visible(), torch.no_grad(), _GraphBreaks() as breaks:
         compiled(model, *example_args, **example_kwargs)
     probe.graph_breaks.extend(breaks)

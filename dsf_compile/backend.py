@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 import zlib
 from collections.abc import Callable, Sequence
@@ -13,6 +14,7 @@ from torch._functorch.aot_autograd import make_boxed_func
 
 from .feedback import Feedback, check_feedback_option, resolve_feedback, summarize
 from .loop_ir import LeftExact, LoopIR
+from .passes.find_nested_loops import find_nested_loops
 from .passes.find_python_loops import find_python_loops
 from .passes.find_rnn_ops import find_recurrent_ops
 from .passes.find_scan_loops import find_scan_loops
@@ -62,6 +64,20 @@ class DSFBackend:
         self.graphs: list[tuple[str, torch.fx.GraphModule]] = []
         self.graph_breaks: list[str] = []
         self.eager_calls: list[str] = []
+        self._running = 0
+
+    @property
+    def is_running(self) -> bool:
+        """Whether a compiled method of an applied model is being called."""
+        return self._running > 0
+
+    @contextlib.contextmanager
+    def running(self):
+        self._running += 1
+        try:
+            yield
+        finally:
+            self._running -= 1
 
     def __deepcopy__(self, memo: dict) -> DSFBackend:
         return self  # shared by copies of a model, like the compiled function that calls it
@@ -83,6 +99,7 @@ class DSFBackend:
         return resolve_feedback(self.feedback, loop, seed)
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> Callable:
+        self._left_exact(find_nested_loops(gm))
         sites, left_exact = find_recurrent_ops(gm)
         self._left_exact(left_exact)
         for site in sites:

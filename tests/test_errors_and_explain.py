@@ -1,5 +1,6 @@
 """Bad input gets a clear error or warning; explain() reports what was found."""
 
+import copy
 import warnings
 
 import pytest
@@ -8,7 +9,7 @@ import torch.nn as nn
 
 import dsf_compile
 
-from .helpers import assert_close, run_compiled, run_eager
+from .helpers import assert_close, rel_err, run_compiled, run_eager
 
 
 class TwoLayerLM(nn.Module):
@@ -190,3 +191,135 @@ def test_apply_after_a_plain_compile_of_the_same_class_still_rewrites():
     model = dsf_compile.apply(RNNLanguageModel(20, 4, 2), compiler="aot_eager")
     model(tokens).sum().backward()
     assert len(dsf_compile.report(model).loops) == 2
+
+
+class _Tagger(nn.Module):
+    """An LSTM tagger trained through its loss method, which calls the LSTM directly (the
+    shape of a BiLSTM-CRF's ``neg_log_likelihood``); ``forward`` predicts."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(3, 4, batch_first=True)
+        self.head = nn.Linear(4, 5)
+
+    def scores(self, x):
+        return self.head(self.lstm(x)[0])
+
+    def forward(self, x):
+        return self.scores(x).argmax(-1)
+
+    def neg_log_likelihood(self, x, tags):
+        return nn.functional.cross_entropy(self.head(self.lstm(x)[0]).flatten(0, 1), tags.flatten())
+
+
+def test_a_recurrent_module_trained_outside_the_compiled_methods_is_reported_and_methods_fix_it():
+    torch.manual_seed(10)
+    reference = _Tagger().double()
+    x, tags = torch.randn(2, 6, 3, dtype=torch.float64), torch.randint(0, 5, (2, 6))
+    model = dsf_compile.apply(copy.deepcopy(reference), "dsf", compiler="aot_eager")
+    with torch.no_grad():
+        model(x)  # inference through forward: rewritten, nothing to say
+    assert len(dsf_compile.report(model).loops) == 1 and dsf_compile.report(model).eager_calls == []
+    with pytest.warns(UserWarning, match="'lstm' \\(LSTM\\) ran outside the compiled method\\(s\\) forward, called "
+                                         "from 'neg_log_likelihood': it trains with exact gradients"):
+        model.neg_log_likelihood(x, tags).backward()
+    assert "neg_log_likelihood" in dsf_compile.report(model).eager_calls[0]
+
+    fixed = dsf_compile.apply(copy.deepcopy(reference), "dsf", compiler="aot_eager",
+                              methods=("forward", "neg_log_likelihood"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fixed.neg_log_likelihood(x, tags).backward()
+    assert dsf_compile.report(fixed).eager_calls == [] and len(dsf_compile.report(fixed).loops) == 1
+    # the same DSF gradients as a model that trains the same loss through its forward
+    through_forward = dsf_compile.apply(copy.deepcopy(reference), "dsf", compiler="aot_eager", methods=("scores",))
+    nn.functional.cross_entropy(through_forward.scores(x).flatten(0, 1), tags.flatten()).backward()
+    exact = copy.deepcopy(reference)
+    exact.neg_log_likelihood(x, tags).backward()
+    for (name, p), q in zip(fixed.named_parameters(), through_forward.parameters()):
+        assert rel_err(p.grad, q.grad) <= 1e-12, name
+    assert rel_err(fixed.lstm.weight_hh_l0.grad, exact.lstm.weight_hh_l0.grad) > 1e-3  # DSF, not BPTT
+
+
+def test_apply_names_what_it_takes():
+    with pytest.raises(TypeError, match="takes an nn.Module"):
+        dsf_compile.apply(lambda x: x)
+    with pytest.raises(ValueError, match="has no method 'train_step'"):
+        dsf_compile.apply(_Tagger(), methods=("forward", "train_step"))
+
+
+class _Decoder(nn.Module):
+    """A seq2seq decoder that calls nn.GRU on a length-1 input at each step."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding, self.gru, self.out = nn.Embedding(10, 4), nn.GRU(4, 5), nn.Linear(5, 10)
+
+    def forward(self, targets, h):
+        logits = []
+        for t in range(targets.shape[0]):
+            o, h = self.gru(self.embedding(targets[t])[None], h)
+            logits.append(self.out(o[0]))
+        return torch.stack(logits)
+
+
+@pytest.mark.parametrize("mode", ["dsf", "ft"])
+def test_one_step_recurrent_calls_in_a_decoder_loop_stay_exact_with_one_story(mode):
+    """Rewriting each length-1 call alone gave a hybrid gradient (λ in place of the outer
+    loop's Jacobian) while the loop was reported exact: both stay exact, and explain and
+    report say the same."""
+    torch.manual_seed(11)
+    model = _Decoder().double()
+    targets, h0 = torch.randint(0, 10, (5, 2)), torch.randn(1, 2, 5, dtype=torch.float64)
+    explained = dsf_compile.explain(model, targets, h0, mode=mode)
+    compiled = dsf_compile.apply(copy.deepcopy(model), mode, compiler="aot_eager")
+    with pytest.warns(UserWarning, match="no recurrent loop"):
+        got = compiled(targets, h0)
+    (got ** 2).sum().backward()
+    (model(targets, h0) ** 2).sum().backward()
+    for (name, p), q in zip(compiled.named_parameters(), model.parameters()):
+        assert rel_err(p.grad, q.grad) <= 1e-12, name
+    report = dsf_compile.report(compiled)
+    assert explained.loops == report.loops == []
+    assert [e.reason for e in explained.left_exact] == [e.reason for e in report.left_exact]
+    assert any("single step (T=1)" in e.reason for e in report.left_exact)
+
+
+class _Checkpointed(nn.Module):
+    """An nn.GRU and a loop over a GRUCell, each under activation checkpointing."""
+
+    def __init__(self):
+        super().__init__()
+        self.gru, self.cell = nn.GRU(3, 4), nn.GRUCell(3, 4)
+
+    def loop(self, x):
+        h = x.new_zeros(x.shape[1], 4)
+        outs = []
+        for t in range(x.shape[0]):
+            h = self.cell(x[t], h)
+            outs.append(h)
+        return torch.stack(outs)
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(lambda x: self.gru(x)[0], x, use_reentrant=False) + checkpoint(self.loop, x,
+                                                                                          use_reentrant=False)
+
+
+def test_loops_under_activation_checkpointing_are_exact_and_reported():
+    torch.manual_seed(13)
+    model = _Checkpointed().double()
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    compiled = dsf_compile.apply(copy.deepcopy(model), "dsf", compiler="aot_eager")
+    with pytest.warns(UserWarning, match="no recurrent loop"):
+        got = compiled(x)
+    (got ** 2).sum().backward()
+    (model(x) ** 2).sum().backward()
+    for (name, p), q in zip(compiled.named_parameters(), model.parameters()):
+        assert rel_err(p.grad, q.grad) <= 1e-12, name
+    left = dsf_compile.report(compiled).left_exact
+    assert sorted(e.what.split(" ")[0] for e in left) == ["Python", "nn.GRU"]
+    assert all("torch.utils.checkpoint" in e.reason for e in left)
+    with pytest.raises(dsf_compile.UnsupportedLoopError, match="checkpoint"):
+        dsf_compile.apply(copy.deepcopy(model), "dsf", compiler="aot_eager", strict=True)(x)

@@ -192,3 +192,28 @@ def test_past_dynamos_recompile_limit_calls_run_eagerly_and_say_so(monkeypatch, 
     compiled(inputs[3])  # its graph is still used: nothing new to say
     assert not [w for w in recwarn if "eagerly" in str(w.message)]
     assert len(dsf_compile.report(compiled).eager_calls) == 1
+
+
+class _TwoLayerGRU(nn.Module):
+    def __init__(self, dropout):
+        super().__init__()
+        self.gru = nn.GRU(3, 4, 2, dropout=dropout)
+
+    def forward(self, x):
+        return self.gru(x)[0]
+
+
+def test_models_of_one_class_with_different_dropout_rates():
+    """A sweep builds the class again with another rate: Dynamo would make the rate a
+    graph input (a symbolic float the rewrite cannot read) and every later model crashed."""
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    for rate in (0.1, 0.2, 0.3):
+        torch.manual_seed(12)
+        model = _TwoLayerGRU(rate).double()
+        compiled = dsf_compile.apply(copy.deepcopy(model), "dsf", compiler="aot_eager")
+        first, second = compiled(x), compiled(x)
+        (first.sum() + second.sum()).backward()
+        assert not torch.equal(first, second)  # the inter-layer dropout is drawn in training
+        assert len(dsf_compile.report(compiled).loops) == 2
+        compiled.eval(), model.eval()
+        assert rel_err(compiled(x), model(x)) <= 1e-12

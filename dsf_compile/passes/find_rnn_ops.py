@@ -74,6 +74,11 @@ def _site_or_reason(node: torch.fx.Node, kind: str) -> RecurrentOpSite | str:
     if example is None or example.dim() != 3:
         return "unbatched (2-D) input is not supported; add a batch dimension"
     length, batch = (example.shape[1], example.shape[0]) if batch_first else example.shape[:2]
+    if length == 1:
+        # Rewritten, its one step would only trade the gradient to its initial state (the
+        # recurrence of whatever loop calls it, a decoder's) for λ times it.
+        return ("a single step (T=1): nothing recurs inside it; called once per step of a loop (a decoder), "
+                "that loop is the recurrence")
     hidden_example = _example(params[1])
     hidden = hidden_example.shape[1] if hidden_example is not None else None
     if hidden is None:
