@@ -128,13 +128,19 @@ class _CompiledForward:
     method with recurrent ops visible to Dynamo, surfaces our own errors unwrapped, and
     warns once when the model turned out to hold no loop to rewrite."""
 
-    def __init__(self, model: nn.Module, name: str, compiled, dsf_backend: DSFBackend) -> None:
-        self.model, self.name, self.compiled, self.backend, self._checked = model, name, compiled, dsf_backend, False
+    def __init__(self, model: nn.Module, name: str, compiled, dsf_backend: DSFBackend, dynamic: bool | None) -> None:
+        self.model, self.name, self.compiled, self.backend = model, name, compiled, dsf_backend
+        self.dynamic, self._checked = dynamic, False
 
     def __deepcopy__(self, memo: dict) -> _CompiledForward:
         # the copy runs its own model through the same compiled function (Dynamo guards
         # on the model, so it gets its own graphs) and reports to the same backend
-        return _CompiledForward(copy.deepcopy(self.model, memo), self.name, self.compiled, self.backend)
+        return _CompiledForward(copy.deepcopy(self.model, memo), self.name, self.compiled, self.backend, self.dynamic)
+
+    def __reduce__(self):
+        # torch.save(model): compiled code does not pickle; the loaded model compiles
+        # its method again, with a backend of the same options
+        return _compiled_again, (self.model, self.name, self.backend, self.dynamic)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -212,14 +218,17 @@ def apply(
         if not callable(getattr(type(model), name, None)):
             raise ValueError(f"methods: {type(model).__name__} has no method {name!r}")
     for name in methods:
-        setattr(model, name, _CompiledForward(model, name, _compile_method(model, name, dsf_backend, dynamic),
-                                              dsf_backend))
+        setattr(model, name, _compiled_again(model, name, dsf_backend, dynamic))
     for path, module in model.named_modules():
         # (the model itself is called through its compiled forward: its hooks run before it)
         if path and isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
             module.register_forward_pre_hook(_OutsideCallCheck(dsf_backend, path, methods))
     model._dsf_backend = dsf_backend
     return model
+
+
+def _compiled_again(model: nn.Module, name: str, dsf_backend: DSFBackend, dynamic: bool | None) -> _CompiledForward:
+    return _CompiledForward(model, name, _compile_method(model, name, dsf_backend, dynamic), dsf_backend, dynamic)
 
 
 class _OutsideCallCheck:

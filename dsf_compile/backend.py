@@ -82,6 +82,14 @@ class DSFBackend:
     def __deepcopy__(self, memo: dict) -> DSFBackend:
         return self  # shared by copies of a model, like the compiled function that calls it
 
+    def __reduce__(self):
+        # pickled with a model (torch.save): the options, not the graphs or the report
+        return DSFBackend, (self.mode, self.feedback), {"seed": self.seed, "strict": self.strict,
+                                                       "compiler": self.compiler}
+
+    def __setstate__(self, options: dict) -> None:
+        self.__init__(self.mode, self.feedback, **options)
+
     @property
     def report(self) -> Report:
         return Report(list(self._loops.values()), list(self._left.values()), list(self.graph_breaks),

@@ -217,3 +217,21 @@ def test_models_of_one_class_with_different_dropout_rates():
         assert len(dsf_compile.report(compiled).loops) == 2
         compiled.eval(), model.eval()
         assert rel_err(compiled(x), model(x)) <= 1e-12
+
+
+def test_torch_save_and_load_of_an_applied_model(tmp_path):
+    """The loaded model compiles its methods again with the same mode and λ: same outputs,
+    same gradients, its own report."""
+    torch.manual_seed(14)
+    model = dsf_compile.apply(_TwoLayerGRU(0.0).double(), "ft", compiler="aot_eager")
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    model(x).sum().backward()
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert dsf_compile.report(loaded).loops == []  # nothing run yet
+    for m in (model, loaded):
+        m.zero_grad()
+        (m(x) ** 2).sum().backward()
+    for (name, p), q in zip(loaded.named_parameters(), model.parameters()):
+        assert rel_err(p.grad, q.grad) <= 1e-12, name
+    assert [r.rewrite for r in dsf_compile.report(loaded).loops] == ["ft (λ = 0)"] * 2
