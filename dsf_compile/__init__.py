@@ -119,7 +119,7 @@ def _our_errors_unwrapped():
     except Exception as error:
         inner = getattr(error, "inner_exception", None)
         if isinstance(inner, (DSFError, FeedbackError)):
-            raise inner from None
+            raise inner from inner.__cause__  # the user's own exception, if any, stays attached
         raise
 
 

@@ -62,9 +62,20 @@ def resolve_feedback(feedback: Feedback, loop: LoopIR, seed: int) -> Tensor:
     elif isinstance(feedback, Tensor):
         lam = feedback
     else:
-        lam = feedback(loop)
-        if isinstance(lam, (int, float)):
+        try:
+            lam = feedback(loop)
+        except Exception as error:
+            # raised inside the compiler, it would reach the user wrapped as a backend crash
+            raise FeedbackError(
+                f"the feedback callable raised for loop {loop.name} ({loop.source}): {type(error).__name__}: {error}"
+            ) from error
+        if isinstance(lam, (int, float)) and not isinstance(lam, bool):
             lam = torch.full((size,), float(lam), dtype=torch.float64)
+        elif not isinstance(lam, (Tensor, Sequence)):
+            raise FeedbackError(
+                f"the feedback callable returned {type(lam).__name__} for loop {loop.name} ({loop.source}); "
+                f"expected a float or {size} values (a tensor or a sequence)"
+            )
     lam = torch.as_tensor(lam).detach().to("cpu", torch.float64)
     if lam.shape != (size,):
         carries = " + ".join(f"{n}:{s}" for n, s in zip(loop.carry_names, loop.carry_sizes))

@@ -92,3 +92,36 @@ def assert_close(got: dict, want: dict, tol: float):
         else:
             err = rel_err(g, w)
             assert err <= tol, f"{name}: relative error {err:.3g} > {tol}"
+
+
+class GRUCellLoop(nn.Module):
+    """The plainest hand-written recurrence: a Python loop over an nn.GRUCell, (T, B, F) in."""
+
+    def __init__(self, n_in: int = 3, hidden: int = 4):
+        super().__init__()
+        self.cell = nn.GRUCell(n_in, hidden)
+
+    def forward(self, x):
+        h = x.new_zeros(x.shape[1], self.cell.hidden_size)
+        outs = []
+        for t in range(x.shape[0]):
+            h = self.cell(x[t], h)
+            outs.append(h)
+        return torch.stack(outs)
+
+
+def assert_trains_exactly(model: nn.Module, mode: str, *args) -> dsf_compile.Report:
+    """Apply ``mode`` to a copy of ``model``, which finds no loop to rewrite (and warns):
+    its forward and gradients must be eager's.  Returns the copy's report."""
+    import pytest
+
+    compiled = dsf_compile.apply(copy.deepcopy(model), mode, compiler="aot_eager")
+    with pytest.warns(UserWarning, match="no recurrent loop"):
+        got = compiled(*args)
+    want = model(*args)
+    assert rel_err(got.detach(), want.detach()) <= 1e-12
+    (got ** 2).sum().backward()
+    (want ** 2).sum().backward()
+    for (name, p), q in zip(compiled.named_parameters(), model.parameters()):
+        assert p.grad is not None and rel_err(p.grad, q.grad) <= 1e-12, name
+    return dsf_compile.report(compiled)

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import dsf_compile
 
-from .helpers import assert_close, rel_err, run_compiled, run_eager
+from .helpers import GRUCellLoop, assert_close, assert_trains_exactly, rel_err, run_compiled, run_eager
 
 
 class TwoLayerLM(nn.Module):
@@ -89,6 +89,22 @@ def test_callable_feedback_outside_unit_interval_is_rejected_at_compile():
                               compiler="aot_eager")
     with pytest.raises(dsf_compile.FeedbackError, match=r"layer 0.*\[0, 1\]"):
         model(torch.randn(3, 1, 3))
+
+
+def _raises(loop):
+    raise KeyError(loop.state_size)
+
+
+@pytest.mark.parametrize("feedback,match", [
+    (_raises, "the feedback callable raised for loop nn.GRU .* layer 0 .*: KeyError: 2"),
+    (lambda loop: None, "the feedback callable returned NoneType for loop .*expected a float or 2 values"),
+])
+def test_a_failing_feedback_callable_is_named_not_reported_as_a_compiler_crash(feedback, match):
+    model = dsf_compile.apply(nn.GRU(3, 2), feedback=feedback, compiler="aot_eager")
+    with pytest.raises(dsf_compile.FeedbackError, match=match) as caught:
+        model(torch.randn(3, 1, 3))
+    if feedback is _raises:
+        assert isinstance(caught.value.__cause__, KeyError)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -249,40 +265,41 @@ def test_apply_names_what_it_takes():
 
 
 class _Decoder(nn.Module):
-    """A seq2seq decoder that calls nn.GRU on a length-1 input at each step."""
+    """A seq2seq decoder that calls nn.GRU on a length-1 input at each step, its state
+    kept as nn.GRU returns it (1, B, H) or as (B, H)."""
 
-    def __init__(self):
+    def __init__(self, squeezed):
         super().__init__()
+        self.squeezed = squeezed
         self.embedding, self.gru, self.out = nn.Embedding(10, 4), nn.GRU(4, 5), nn.Linear(5, 10)
 
     def forward(self, targets, h):
         logits = []
         for t in range(targets.shape[0]):
-            o, h = self.gru(self.embedding(targets[t])[None], h)
+            o, h = self.gru(self.embedding(targets[t])[None], h[None] if self.squeezed else h)
+            h = h[0] if self.squeezed else h
             logits.append(self.out(o[0]))
         return torch.stack(logits)
 
 
+@pytest.mark.parametrize("squeezed", [False, True])
 @pytest.mark.parametrize("mode", ["dsf", "ft"])
-def test_one_step_recurrent_calls_in_a_decoder_loop_stay_exact_with_one_story(mode):
+def test_one_step_recurrent_calls_in_a_decoder_loop_stay_exact_with_one_story(mode, squeezed):
     """Rewriting each length-1 call alone gave a hybrid gradient (λ in place of the outer
     loop's Jacobian) while the loop was reported exact: both stay exact, and explain and
     report say the same."""
     torch.manual_seed(11)
-    model = _Decoder().double()
+    model = _Decoder(squeezed).double()
     targets, h0 = torch.randint(0, 10, (5, 2)), torch.randn(1, 2, 5, dtype=torch.float64)
+    h0 = h0[0] if squeezed else h0
     explained = dsf_compile.explain(model, targets, h0, mode=mode)
-    compiled = dsf_compile.apply(copy.deepcopy(model), mode, compiler="aot_eager")
-    with pytest.warns(UserWarning, match="no recurrent loop"):
-        got = compiled(targets, h0)
-    (got ** 2).sum().backward()
-    (model(targets, h0) ** 2).sum().backward()
-    for (name, p), q in zip(compiled.named_parameters(), model.parameters()):
-        assert rel_err(p.grad, q.grad) <= 1e-12, name
-    report = dsf_compile.report(compiled)
+    report = assert_trains_exactly(model, mode, targets, h0)
     assert explained.loops == report.loops == []
     assert [e.reason for e in explained.left_exact] == [e.reason for e in report.left_exact]
     assert any("single step (T=1)" in e.reason for e in report.left_exact)
+    (outer,) = [e for e in report.left_exact if e.what.startswith("loop over")]
+    if not squeezed:  # (squeezed, the last step's dead ``h[0]`` already tells it apart)
+        assert "the step calls a recurrent module (gru)" in outer.reason
 
 
 class _Checkpointed(nn.Module):
@@ -290,15 +307,7 @@ class _Checkpointed(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.gru, self.cell = nn.GRU(3, 4), nn.GRUCell(3, 4)
-
-    def loop(self, x):
-        h = x.new_zeros(x.shape[1], 4)
-        outs = []
-        for t in range(x.shape[0]):
-            h = self.cell(x[t], h)
-            outs.append(h)
-        return torch.stack(outs)
+        self.gru, self.loop = nn.GRU(3, 4), GRUCellLoop(3, 4)
 
     def forward(self, x):
         from torch.utils.checkpoint import checkpoint
@@ -311,14 +320,7 @@ def test_loops_under_activation_checkpointing_are_exact_and_reported():
     torch.manual_seed(13)
     model = _Checkpointed().double()
     x = torch.randn(5, 2, 3, dtype=torch.float64)
-    compiled = dsf_compile.apply(copy.deepcopy(model), "dsf", compiler="aot_eager")
-    with pytest.warns(UserWarning, match="no recurrent loop"):
-        got = compiled(x)
-    (got ** 2).sum().backward()
-    (model(x) ** 2).sum().backward()
-    for (name, p), q in zip(compiled.named_parameters(), model.parameters()):
-        assert rel_err(p.grad, q.grad) <= 1e-12, name
-    left = dsf_compile.report(compiled).left_exact
+    left = assert_trains_exactly(model, "dsf", x).left_exact
     assert sorted(e.what.split(" ")[0] for e in left) == ["Python", "nn.GRU"]
     assert all("torch.utils.checkpoint" in e.reason for e in left)
     with pytest.raises(dsf_compile.UnsupportedLoopError, match="checkpoint"):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import dsf_compile
 
-from .helpers import rel_err
+from .helpers import assert_trains_exactly, rel_err
 from .reference import dsf_reference_loop
 
 B, IN, H = 3, 4, 5
@@ -714,18 +714,7 @@ def test_in_place_ops_in_the_step_leave_the_loop_exact_and_reported(style, mode)
     a weight went without gradient): the loop stays exact, forward and gradients those of
     eager, and the report says why."""
     torch.manual_seed(6)
-    model = InPlaceStep(style).double()
-    x = torch.randn(5, B, IN, dtype=torch.float64)
-    compiled = dsf_compile.apply(copy.deepcopy(model), mode, compiler="aot_eager")
-    with pytest.warns(UserWarning, match="no recurrent loop"):
-        got = compiled(x)
-    want = model(x)
-    assert rel_err(got.detach(), want.detach()) <= 1e-12
-    (got ** 2).sum().backward()
-    (want ** 2).sum().backward()
-    for (name, p), q in zip(compiled.named_parameters(), model.parameters()):
-        assert p.grad is not None and rel_err(p.grad, q.grad) <= 1e-12, name
-    report = dsf_compile.report(compiled)
+    report = assert_trains_exactly(InPlaceStep(style).double(), mode, torch.randn(5, B, IN, dtype=torch.float64))
     assert report.loops == [] and len(report.left_exact) == 1
     assert "in place" in report.left_exact[0].reason
 
@@ -803,16 +792,43 @@ class ColumnStateRNN(nn.Module):
 @pytest.mark.parametrize("mode", ["dsf", "bptt"])
 def test_a_state_laid_out_features_by_batch_stays_exact_and_reported(mode):
     torch.manual_seed(9)
-    model = ColumnStateRNN().double()
-    x = torch.randn(B, 6, IN, dtype=torch.float64)
-    compiled = dsf_compile.apply(copy.deepcopy(model), mode, compiler="aot_eager")
-    with pytest.warns(UserWarning, match="no recurrent loop"):
-        got = compiled(x)
-    want = model(x)
-    assert rel_err(got.detach(), want.detach()) <= 1e-12
-    (got ** 2).sum().backward()
-    (want ** 2).sum().backward()
-    for p, q in zip(compiled.parameters(), model.parameters()):
-        assert rel_err(p.grad, q.grad) <= 1e-12
-    (item,) = dsf_compile.report(compiled).left_exact
+    report = assert_trains_exactly(ColumnStateRNN().double(), mode, torch.randn(B, 6, IN, dtype=torch.float64))
+    (item,) = report.left_exact
     assert "(features, batch)" in item.reason
+
+
+class LSTMCellIdiom(nn.Module):
+    """``h, c = cell(x_t, (h, c))`` with only h used after the loop: Dynamo drops the last
+    step's unused ``c``, which made that step look different."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell = nn.LSTMCell(IN, H)
+
+    def forward(self, x):
+        h = c = x.new_zeros(x.shape[1], H)
+        outs = []
+        for t in range(x.shape[0]):
+            h, c = self.cell(x[t], (h, c))
+            outs.append(h)
+        return torch.stack(outs)
+
+
+def test_lstm_cell_loop_whose_final_cell_state_is_unused_is_rewritten():
+    torch.manual_seed(15)
+    model = LSTMCellIdiom().double()
+    x = torch.randn(6, B, IN, dtype=torch.float64)
+    weights = torch.randn(6, B, H, dtype=torch.float64)
+    compiled = dsf_compile.apply(copy.deepcopy(model), "dsf", compiler="aot_eager")
+    got = compiled(x)
+    (got * weights).sum().backward()
+    assert rel_err(got.detach(), model(x).detach()) <= 1e-12
+    (loop,) = dsf_compile.report(compiled).loops
+    assert loop.carries == f"h[{H}], c[{H}]"
+    zeros = torch.zeros(B, H, dtype=torch.float64)
+    loss = lambda states: sum((s[0] * weights[t]).sum() for t, s in enumerate(states))
+    _, want, _, _ = dsf_reference_loop(lambda xt, h, c: model.cell(xt, (h, c)), [(x[t],) for t in range(6)],
+                                       (zeros, zeros), torch.linspace(0, 1, 2 * H, dtype=torch.float64), loss,
+                                       list(model.cell.parameters()))
+    for (name, p), w in zip(compiled.named_parameters(), want):
+        assert rel_err(p.grad, w) <= 1e-9, name

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 import dsf_compile
 
-from .helpers import assert_close, make_case, rel_err, run_compiled, run_eager
+from .helpers import GRUCellLoop, assert_close, make_case, rel_err, run_compiled, run_eager
 from .reference import dsf_reference
 
 
@@ -150,20 +150,6 @@ def test_backward_graph_has_one_scan_per_loop_and_no_per_step_matmuls():
     assert count(long, ["dsf.loop_states"]) == 0
 
 
-class _LoopOverGRUCell(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.cell = nn.GRUCell(3, 4)
-
-    def forward(self, x):
-        h = x.new_zeros(x.shape[1], 4)
-        outs = []
-        for t in range(x.shape[0]):
-            h = self.cell(x[t], h)
-            outs.append(h)
-        return torch.stack(outs)
-
-
 def test_past_dynamos_recompile_limit_calls_run_eagerly_and_say_so(monkeypatch, recwarn):
     """Each new length of a Python loop is a new graph; past Dynamo's limit it would run the
     forward eagerly without a word (exact gradients, the report still saying dsf).  Here
@@ -171,7 +157,7 @@ def test_past_dynamos_recompile_limit_calls_run_eagerly_and_say_so(monkeypatch, 
     have a graph keep theirs."""
     monkeypatch.setattr(dsf_compile, "RECOMPILE_LIMIT", 2)
     torch.manual_seed(7)
-    model = _LoopOverGRUCell().double()
+    model = GRUCellLoop().double()
     compiled = dsf_compile.apply(copy.deepcopy(model), "dsf", compiler="aot_eager")
     inputs = {T: torch.randn(T, 2, 3, dtype=torch.float64) for T in (3, 4, 5)}
     for T in (3, 4):

@@ -30,6 +30,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..cells import DECOMPOSED_CELL_OPS
 from ..loop_ir import LeftExact, LoopIR
+from .find_rnn_ops import RECURRENT_OPS
 from .provenance import common_source, module_path, user_source
 
 _SEQUENCE_SPLITS = {"unbind", "split", "chunk"}
@@ -333,8 +334,34 @@ def _looks_like_a_loop(family: StepInputFamily) -> bool:
     return len(first_uses) == 1 and None not in first_uses
 
 
+def restore_unused_outputs(graph: torch.fx.Graph) -> None:
+    """Give every multi-output call (``h, c = lstm_cell(...)``) a getitem for each output.
+
+    Dynamo drops the getitem of an output nothing reads, which is the usual last step of a
+    loop (the final ``c`` of an LSTMCell loop goes unused): that step then looks different
+    from the others.  The restored getitems are dead code, removed again downstream.  They
+    go where Dynamo puts them, each after the previous output's."""
+    for node in list(graph.nodes):
+        value = node.meta.get("example_value")
+        if not _is_call(node) or _name(node) in _SEQUENCE_SPLITS or not isinstance(value, (tuple, list)):
+            continue
+        taken = {u.args[1]: u for u in node.users
+                 if u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int)}
+        if not taken:
+            continue
+        previous = node
+        for index in range(len(value)):
+            if index not in taken:
+                with graph.inserting_after(previous):
+                    taken[index] = graph.call_function(operator.getitem, (node, index))
+                taken[index].meta.update({k: v for k, v in node.meta.items() if k != "example_value"})
+                taken[index].meta["example_value"] = value[index]
+            previous = taken[index]
+
+
 def find_python_loops(gm: torch.fx.GraphModule) -> tuple[list[PythonLoop], list[LeftExact]]:
     """Every re-rollable Python loop in ``gm``, and the loop-like patterns we refused."""
+    restore_unused_outputs(gm.graph)
     families = step_input_families(gm.graph)
     calls = [n for n in gm.graph.nodes if _is_call(n) and n not in families]
     position = {node: p for p, node in enumerate(calls)}
@@ -436,6 +463,10 @@ def _build(segments, check: _Check, families) -> PythonLoop:
     problem = random_op_problem(segments[0]) or mutation_problem(segments[0])
     if problem:
         raise NotALoop(problem)
+    inner = next((n for n in segments[0] if n.op == "call_function" and n.target in RECURRENT_OPS), None)
+    if inner is not None:
+        # the batched step would vmap a whole recurrent op, which has no batching rule
+        raise NotALoop(f"the step calls a recurrent module ({_name(inner)}): a loop around one is not re-rolled")
     for j in carry_positions:
         problem = _carry_shape_problem(segments[0][j])
         if problem:
