@@ -832,3 +832,35 @@ def test_lstm_cell_loop_whose_final_cell_state_is_unused_is_rewritten():
                                        list(model.cell.parameters()))
     for (name, p), w in zip(compiled.named_parameters(), want):
         assert rel_err(p.grad, w) <= 1e-9, name
+
+
+class SplitLoop(nn.Module):
+    """Steps taken by ``x.split(1, dim)`` (each keeps its axis of size 1)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.dim, self.cell = dim, nn.GRUCell(IN, H)
+
+    def forward(self, x):
+        h = x.new_zeros(x.shape[0], H)
+        outs = []
+        for piece in x.split(1, self.dim):
+            h = self.cell(piece.squeeze(self.dim), h)
+            outs.append(h)
+        return torch.stack(outs)
+
+
+@pytest.mark.parametrize("dim", [1, -2])
+def test_split_steps_are_one_slice_and_a_second_batch_size_is_still_rewritten(dim):
+    """The stacked input of a split loop is a slice of x (no split pieces left behind for
+    the next search to report as a loop it could not re-roll), and a second batch size,
+    which Dynamo traces with a symbolic batch, is rewritten too."""
+    torch.manual_seed(16)
+    model = SplitLoop(dim).double()
+    compiled = dsf_compile.apply(copy.deepcopy(model), "dsf", compiler="aot_eager")
+    for batch in (2, 3):
+        x = torch.randn(batch, 5, IN, dtype=torch.float64)
+        assert rel_err(compiled(x), model(x)) <= 1e-12
+        report = dsf_compile.report(compiled)
+        assert len(report.loops) == 1 and report.left_exact == [], report
+    assert dsf_compile.report(compiled).loops[0].batch.startswith("s")  # symbolic: the second graph

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils._pytree import tree_flatten
 
 from ..cells import DECOMPOSED_CELL_OPS
@@ -286,7 +287,7 @@ def _layout_problem(carries: list[torch.fx.Node], step_families: list[StepInputF
     """λ acts on a state's last dim, so rows must be samples: every state's first dim is
     the batch, the leading dim of the per-step inputs.  A state kept as (features, batch)
     (``h = W @ h``) would get a λ over samples; it is left exact instead."""
-    batches = {c.meta["example_value"].shape[0] for c in carries}
+    batches = [c.meta["example_value"].shape[0] for c in carries]
     for family in step_families:
         member = next(iter(family.members.values())).meta.get("example_value")
         if not isinstance(member, torch.Tensor):
@@ -296,12 +297,13 @@ def _layout_problem(carries: list[torch.fx.Node], step_families: list[StepInputF
         kept |= {i for i, e in enumerate(family.after) if e is None}
         shape = [n for i, n in enumerate(member.shape) if i not in kept]
         if shape:
-            batches.add(shape[0])
-    if len(batches) > 1:
+            batches.append(shape[0])
+    # sizes may be symbolic (a second batch size makes Dynamo trace it as a SymInt)
+    if not all(statically_known_true(b == batches[0]) for b in batches[1:]):
         shapes = ", ".join(f"{c.name} {tuple(c.meta['example_value'].shape)}" for c in carries)
         return (f"the states ({shapes}) and the per-step inputs disagree on the batch size along their first "
-                f"dim ({sorted(batches)}): a (features, batch) layout?  λ acts on a state's last dim, so states "
-                "must be (batch, features)")
+                f"dim ({', '.join(map(str, batches))}): a (features, batch) layout?  λ acts on a state's last "
+                "dim, so states must be (batch, features)")
     return None
 
 
