@@ -195,7 +195,10 @@ def check_invariant(program: Program, mode: str, seed: int = 0) -> str:
     args = (x, mask) if program.mask else (x,)
     want = model(*args)
     weights = torch.randn(want.shape, generator=generator, dtype=torch.float64)
-    compiled = dsf_compile.apply(copy.deepcopy(model), mode, compiler="aot_eager")
+    # The same λ for each carry: a loop's state is its carries in the order the step
+    # computes them (c before h in a hand-written LSTM), which this check need not know.
+    feedback = lambda loop: _lam(program, mode)
+    compiled = dsf_compile.apply(copy.deepcopy(model), mode, feedback, compiler="aot_eager")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         got = compiled(*args)
@@ -217,13 +220,18 @@ def check_invariant(program: Program, mode: str, seed: int = 0) -> str:
     return "rewritten" if rewritten else "left exact"
 
 
+def _lam(program: Program, mode: str) -> torch.Tensor:
+    """λ over a loop's state: linspace over each carry, repeated (zeros for ft)."""
+    per_carry = torch.linspace(0, 1, program.hidden, dtype=torch.float64)
+    return per_carry.repeat(program.carries) * (mode == "dsf")
+
+
 def _reference_grads(model: _Model, x, mask, weights, mode: str):
     p = model.program
     length = x.shape[0] if p.time_first else x.shape[1]
     order = range(length - 1, -1, -1) if p.reverse else range(length)
     xs = [model.inputs_at(x, mask, t) for t in order]
-    size = p.carries * p.hidden
-    lam = torch.linspace(0, 1, size, dtype=torch.float64) if mode == "dsf" else torch.zeros(size, dtype=torch.float64)
     loss = lambda states: (model.output(states) * weights).sum()
+    lam = _lam(p, mode)
     _, grads, _, _ = dsf_reference_loop(model.step, xs, model.initial(x), lam, loss, list(model.parameters()))
     return grads
