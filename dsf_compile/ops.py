@@ -193,8 +193,8 @@ def _loop_states_grad(ctx, grads):
     length = step_inputs[0].shape[0]
     grads = [c.new_zeros((length, *c.shape)) if g is None else g for g, c in zip(grads, carries)]
     found = loop_states_backward(ctx.kernel, ctx.reverse, grads, step_inputs, carries, invariants)
-    inputs = (*step_inputs, *carries, *invariants)
-    found = filled([None] * len(found), differentiable(inputs), [found[i] for i in differentiable(inputs)])
+    slots = differentiable((*step_inputs, *carries, *invariants))  # the rest have no gradient
+    found = filled([None] * len(found), slots, [found[i] for i in slots])
     return None, None, found[:n_in], found[n_in : n_in + n_carry], found[n_in + n_carry :]
 
 

@@ -850,6 +850,41 @@ class SplitLoop(nn.Module):
         return torch.stack(outs)
 
 
+class TimeFirstSplitLoop(nn.Module):
+    """``x.split(1, -3)`` over a (T, B, F) input: time is the first axis, named from the end."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell = nn.GRUCell(IN, H)
+
+    def forward(self, x):
+        h = x.new_zeros(x.shape[1], H)
+        outs = []
+        for piece in x.split(1, -3):
+            h = self.cell(piece[0], h)
+            outs.append(h)
+        return torch.stack(outs)
+
+
+def test_a_split_along_a_negative_time_axis_is_rewritten_against_the_reference():
+    torch.manual_seed(17)
+    model = TimeFirstSplitLoop().double()
+    x = torch.randn(5, B, IN, dtype=torch.float64)
+    weights = torch.randn(5, B, H, dtype=torch.float64)
+    compiled = dsf_compile.apply(copy.deepcopy(model), "dsf", compiler="aot_eager")
+    got = compiled(x)
+    (got * weights).sum().backward()
+    assert rel_err(got.detach(), model(x).detach()) <= 1e-12
+    report = dsf_compile.report(compiled)
+    assert len(report.loops) == 1 and report.left_exact == [], report
+    loss = lambda states: sum((s[0] * weights[t]).sum() for t, s in enumerate(states))
+    _, want, _, _ = dsf_reference_loop(lambda xt, h: (model.cell(xt, h),), [(x[t],) for t in range(5)],
+                                       (torch.zeros(B, H, dtype=torch.float64),),
+                                       torch.linspace(0, 1, H, dtype=torch.float64), loss, list(model.parameters()))
+    for (name, p), w in zip(compiled.named_parameters(), want):
+        assert rel_err(p.grad, w) <= 1e-9, name
+
+
 @pytest.mark.parametrize("dim", [1, -2])
 def test_split_steps_are_one_slice_and_a_second_batch_size_is_still_rewritten(dim):
     """The stacked input of a split loop is a slice of x (no split pieces left behind for

@@ -59,6 +59,13 @@ class StepInputFamily:
     # the source's steps (``mask[:, t, None]`` → ``[:, :, None]``); () when nothing.
     after: tuple = ()
 
+    def kept_time_axis(self) -> int | None:
+        """The axis of size 1 in place of time that each piece of a split or chunk keeps
+        (``x.split(1, d)`` → d, non-negative), None for slices that drop it."""
+        if self.kind != "sequence" or _name(self.source) == "unbind":
+            return None
+        return self.dim % self.source.args[0].meta["example_value"].dim()
+
 
 def _unit_slice(entry) -> bool:
     """``t:t+1``, a step kept as an axis of size 1."""
@@ -293,8 +300,7 @@ def _layout_problem(carries: list[torch.fx.Node], step_families: list[StepInputF
         if not isinstance(member, torch.Tensor):
             continue
         # the axes of size 1 a slice keeps in place of time: split/chunk's, ``x[:, t:t+1]``'s
-        kept = {family.dim} if family.kind == "sequence" and _name(family.source) != "unbind" else set()
-        kept |= {i for i, e in enumerate(family.after) if e is None}
+        kept = {family.kept_time_axis()} | {i for i, e in enumerate(family.after) if e is None}
         shape = [n for i, n in enumerate(member.shape) if i not in kept]
         if shape:
             batches.append(shape[0])

@@ -45,20 +45,19 @@ def _stack_step_input(graph: torch.fx.Graph, family: StepInputFamily, indices: l
     low, length = ordered[0], len(ordered)
     contiguous = ordered == list(range(low, low + length)) and low >= 0
     source = family.source
-    kept_axis = False  # x.split(1, d) keeps each step's axis d, of size 1
+    kept_axis = family.kept_time_axis() if _splits_into_single_steps(source) else None
     if family.kind == "sequence" and source.target in ("unbind", torch.unbind) and contiguous:
         tensor, dim = source.args[0], family.dim
-    elif family.kind == "sequence" and _splits_into_single_steps(source) and contiguous:
-        tensor, dim, kept_axis = source.args[0], family.dim, True
+    elif kept_axis is not None and contiguous:
+        tensor, dim = source.args[0], family.dim
     elif family.kind in ("index", "select") and contiguous:
         tensor, dim = source, family.dim
     else:
         return graph.call_function(torch.stack, ([family.members[i] for i in ordered],))
     moved = graph.call_function(torch.movedim, (tensor, dim, 0))
     steps = graph.call_function(torch.narrow, (moved, 0, low, length))
-    if kept_axis:
-        dim = dim % tensor.meta["example_value"].dim()
-        return graph.call_function(torch.unsqueeze, (steps, dim + 1))
+    if kept_axis is not None:
+        return graph.call_function(torch.unsqueeze, (steps, kept_axis + 1))
     if family.after:
         return graph.call_function(operator.getitem, (steps, (slice(None), *family.after)))
     return steps
