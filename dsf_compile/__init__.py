@@ -11,14 +11,16 @@ import copy
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
+from torch import Tensor
 
-from .backend import DSFBackend, DSFError, UnsupportedLoopError
+from .backend import DEFAULT_MOMENTUM, DSFBackend, DSFError, UnsupportedLoopError
 from .feedback import Feedback, FeedbackError
+from .fidelity import Fidelity, ParameterFidelity, compare_gradients
 from .loop_ir import LeftExact, LoopIR
 from .ops import loop_states, reverse_linear_scan
 from .report import LoopReport, Report
@@ -30,14 +32,17 @@ __all__ = [
     "DSFError",
     "Feedback",
     "FeedbackError",
+    "Fidelity",
     "LeftExact",
     "LoopIR",
     "LoopReport",
+    "ParameterFidelity",
     "Report",
     "UnsupportedLoopError",
     "apply",
     "backend",
     "explain",
+    "gradient_fidelity",
     "loop_states",
     "report",
     "reverse_linear_scan",
@@ -51,6 +56,8 @@ def backend(
     seed: int = 0,
     strict: bool = False,
     compiler: str = "inductor",
+    iterations: int | None = None,
+    momentum: float = DEFAULT_MOMENTUM,
 ) -> DSFBackend:
     """A backend for ``torch.compile(fn, backend=dsf_compile.backend(...))``.
 
@@ -58,7 +65,8 @@ def backend(
     ``torch._dynamo.config.allow_rnn = True``) so that nn.RNN/GRU/LSTM reach it;
     :func:`apply` does this for you.
     """
-    return DSFBackend(mode, feedback, seed=seed, strict=strict, compiler=compiler)
+    return DSFBackend(mode, feedback, seed=seed, strict=strict, compiler=compiler, iterations=iterations,
+                      momentum=momentum)
 
 
 def recurrent_ops_visible():
@@ -193,14 +201,21 @@ def apply(
     compiler: str = "inductor",
     dynamic: bool | None = None,
     methods: Sequence[str] = ("forward",),
+    iterations: int | None = None,
+    momentum: float = DEFAULT_MOMENTUM,
 ) -> nn.Module:
     """Compile ``model`` in place so that its recurrent loops train with ``mode``.
 
-    ``mode``: ``"dsf"`` (diagonal state feedback), ``"ft"`` (fully truncated, λ = 0) or
-    ``"bptt"`` (exact gradients).  ``feedback`` sets λ per loop: ``"linspace"`` (λ =
+    ``mode``: ``"dsf"`` (diagonal state feedback), ``"ft"`` (fully truncated, λ = 0),
+    ``"highway"`` (Highway-BP: ``iterations`` refinements, default 1, of a backward whose
+    diagonal is each step's own residual path — a GRU's update gate, an LSTM's forget gate;
+    after k of them the last k+1 steps' gradients are exact, DESIGN.md §7) or ``"bptt"``
+    (exact gradients).  ``feedback`` sets λ per loop for ``"dsf"``: ``"linspace"`` (λ =
     linspace(0, 1, state size), the paper's choice), ``"uniform"`` (U[0, 1) drawn from
-    ``seed``, different per loop), a float, a 1-D tensor (for every loop of that state
-    size) or a callable ``LoopIR -> λ``.  ``strict=True`` makes anything that would be
+    ``seed``, different per loop), ``"adaptive"`` (λ = clip(mean over steps and rows of the
+    step Jacobian's diagonal, 0, 1), estimated at every backward with one Rademacher probe
+    and smoothed across steps by ``momentum``, default 0.9), a float, a 1-D tensor (for every
+    loop of that state size) or a callable ``LoopIR -> λ``.  ``strict=True`` makes anything that would be
     left exact an error.  ``compiler``: ``"inductor"``, or ``"aot_eager"`` to run the
     rewritten graphs without code generation (fast to build; debugging, tests).
     ``dynamic`` is passed to ``torch.compile``.  ``methods``: the methods training runs
@@ -213,7 +228,8 @@ def apply(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"dsf_compile.apply takes an nn.Module (the model to train), not {type(model).__name__}")
-    dsf_backend = backend(mode, feedback, seed=seed, strict=strict, compiler=compiler)
+    dsf_backend = backend(mode, feedback, seed=seed, strict=strict, compiler=compiler, iterations=iterations,
+                          momentum=momentum)
     for name in methods:
         if not callable(getattr(type(model), name, None)):
             raise ValueError(f"methods: {type(model).__name__} has no method {name!r}")
@@ -276,18 +292,72 @@ def report(model: nn.Module) -> Report:
     return dsf_backend.report
 
 
+def gradient_fidelity(model: nn.Module, closure: Callable[[], Tensor]) -> Fidelity:
+    """How close the gradients of an applied ``model``'s mode are to exact BPTT's on one batch.
+
+    ``closure()`` runs the model and returns the loss (without calling ``backward``).  It
+    is called twice: through the model's compiled methods, then through the same methods
+    compiled in exact mode (``mode="bptt"``: the same forward kernels, differentiated
+    exactly), with the random number generators, the model's buffers and adaptive λ
+    estimates set back, so both see the same dropout masks and nothing of the model
+    changes; ``.grad`` is not touched.  Returns the per-parameter cosine and relative
+    error of the mode's gradient against the exact one (:class:`Fidelity`).
+    """
+    dsf_backend = getattr(model, "_dsf_backend", None)
+    if dsf_backend is None:
+        raise ValueError("gradient_fidelity needs a model compiled with dsf_compile.apply")
+    names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad]) or ((), ())
+    if not params:
+        raise ValueError("gradient_fidelity: the model has no trainable parameter")
+    applied = {name: f for name, f in vars(model).items() if isinstance(f, _CompiledForward)}
+    exact = model.__dict__.setdefault("_dsf_exact_methods", {})
+    for name, method in applied.items():
+        if name not in exact:
+            exact_backend = backend("bptt", compiler=dsf_backend.compiler)
+            # no reset of the method's code: the mode's graphs stay cached beside these
+            compiled = torch.compile(getattr(type(model), name), backend=exact_backend, dynamic=method.dynamic)
+            exact[name] = _CompiledForward(model, name, compiled, exact_backend, method.dynamic)
+    devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    estimates = dict(dsf_backend.adaptive_estimates)
+
+    def gradients() -> list[Tensor | None]:
+        with torch.random.fork_rng(devices=devices):
+            loss = closure()
+            if not isinstance(loss, Tensor) or loss.numel() != 1:
+                raise TypeError("gradient_fidelity: the closure must return the loss, a one-element tensor")
+            found = torch.autograd.grad(loss, params, allow_unused=True)
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+        return list(found)
+
+    try:
+        got = gradients()
+        dsf_backend.adaptive_estimates.clear()
+        dsf_backend.adaptive_estimates.update(estimates)
+        with dsf_backend.running():
+            model.__dict__.update(exact)
+            want = gradients()
+    finally:
+        model.__dict__.update(applied)
+    return compare_gradients(dsf_backend.mode, list(names), got, want)
+
+
 def explain(
     model: nn.Module,
     *example_args: Any,
     mode: str = "dsf",
     feedback: Feedback = "linspace",
     seed: int = 0,
+    iterations: int | None = None,
+    momentum: float = DEFAULT_MOMENTUM,
     **example_kwargs: Any,
 ) -> Report:
     """Which loops :func:`apply` would rewrite in ``model`` for these inputs, and what it
     would leave exact and why.  Runs the model once (without gradients); the model
     itself is not changed."""
-    probe = backend(mode, feedback, seed=seed, compiler="none")
+    probe = backend(mode, feedback, seed=seed, compiler="none", iterations=iterations, momentum=momentum)
     compiled = _compile_method(model, "forward", probe, dynamic=False)
     with _our_errors_unwrapped(), recurrent_ops_visible(), torch.no_grad(), _GraphBreaks() as breaks:
         compiled(model, *example_args, **example_kwargs)

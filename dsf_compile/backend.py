@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import uuid
 import warnings
 import zlib
 from collections.abc import Callable, Sequence
@@ -12,7 +14,7 @@ import torch.fx
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
 
-from .feedback import Feedback, check_feedback_option, resolve_feedback, summarize
+from .feedback import Feedback, check_feedback_option, register_estimates, resolve_feedback, summarize
 from .loop_ir import LeftExact, LoopIR
 from .passes.find_nested_loops import find_nested_loops
 from .passes.find_python_loops import find_python_loops
@@ -21,9 +23,44 @@ from .passes.find_scan_loops import find_scan_loops
 from .passes.rewrite_python_loops import rewrite_python_loop, rewrite_scan_loop
 from .passes.rewrite_rnn_ops import rewrite_recurrent_op
 from .report import LoopReport, Report
-from .runtime import MODES
+from .runtime import MODES, GradientRule, highway_rule
 
 COMPILERS = ("inductor", "aot_eager", "none")
+
+
+DEFAULT_MOMENTUM = 0.9
+
+
+def _check_mode_options(mode: str, feedback: Feedback, iterations: int | None, momentum: float) -> None:
+    """Options that only one mode reads must not be given to another, where they would
+    silently do nothing."""
+    if iterations is not None:
+        if mode != "highway":
+            raise ValueError(f"iterations={iterations!r} is an option of mode='highway', not of mode={mode!r}")
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
+            raise ValueError(f"iterations must be an int >= 0 (highway refinements), got {iterations!r}")
+    if mode == "highway" and not (isinstance(feedback, str) and feedback == "linspace"):
+        raise ValueError("mode='highway' takes its diagonal from the step (K), not from feedback; "
+                         "leave feedback at its default")
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
+        raise ValueError(f"momentum must be a float in [0, 1) (smoothing of adaptive λ), got {momentum!r}")
+    adaptive = isinstance(feedback, str) and feedback == "adaptive"
+    if momentum != DEFAULT_MOMENTUM and not adaptive:
+        raise ValueError("momentum smooths feedback='adaptive' and has no effect otherwise")
+    if adaptive and mode != "dsf":
+        raise ValueError(f"feedback='adaptive' is a λ for mode='dsf', not for mode={mode!r}")
+
+
+def _describe_feedback(loop: LoopIR, rule: GradientRule) -> str:
+    if rule.mode == "bptt":
+        return "-"
+    if rule.mode == "highway":
+        with_path = [n for n, body in zip(loop.carry_names, rule.highway) if body is not None]
+        without = [n for n, body in zip(loop.carry_names, rule.highway) if body is None]
+        return f"K on {', '.join(with_path)}" + (f" (0 on {', '.join(without)})" if without else "")
+    if rule.adaptive is not None:
+        return f"adaptive (momentum {rule.momentum:g})"
+    return summarize(torch.tensor(rule.lam, dtype=torch.float64))
 
 
 class DSFError(RuntimeError):
@@ -35,7 +72,8 @@ class UnsupportedLoopError(DSFError):
 
 
 class DSFBackend:
-    """A ``torch.compile`` backend applying DSF, FT-BPTT or exact BPTT to every loop.
+    """A ``torch.compile`` backend applying DSF, FT-BPTT, Highway-BP or exact BPTT to
+    every loop.
 
     ``compiler`` picks what runs the rewritten graph: ``"inductor"`` (the real thing),
     ``"aot_eager"`` (AOTAutograd without code generation: fast to build, for tests and
@@ -52,13 +90,20 @@ class DSFBackend:
         seed: int = 0,
         strict: bool = False,
         compiler: str = "inductor",
+        iterations: int | None = None,
+        momentum: float = DEFAULT_MOMENTUM,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: expected one of {', '.join(map(repr, MODES))}")
         if compiler not in COMPILERS:
             raise ValueError(f"compiler={compiler!r}: expected one of {', '.join(map(repr, COMPILERS))}")
         check_feedback_option(feedback)
+        _check_mode_options(mode, feedback, iterations, momentum)
         self.mode, self.feedback, self.seed, self.strict, self.compiler = mode, feedback, seed, strict, compiler
+        self.iterations = (1 if iterations is None else iterations) if mode == "highway" else None
+        self.momentum = momentum
+        self._key = uuid.uuid4().hex  # names this backend's adaptive λ estimates
+        self.adaptive_estimates = register_estimates(self._key)
         self._loops: dict[tuple[str, str], LoopReport] = {}
         self._left: dict[tuple[str, str, str], LeftExact] = {}
         self.graphs: list[tuple[str, torch.fx.GraphModule]] = []
@@ -84,56 +129,77 @@ class DSFBackend:
 
     def __reduce__(self):
         # pickled with a model (torch.save): the options, not the graphs or the report
-        return DSFBackend, (self.mode, self.feedback), {"seed": self.seed, "strict": self.strict,
-                                                       "compiler": self.compiler}
+        return DSFBackend, (self.mode, self.feedback), {
+            "seed": self.seed, "strict": self.strict, "compiler": self.compiler,
+            "iterations": self.iterations, "momentum": self.momentum}
 
     def __setstate__(self, options: dict) -> None:
         self.__init__(self.mode, self.feedback, **options)
 
     @property
     def report(self) -> Report:
-        return Report(list(self._loops.values()), list(self._left.values()), list(self.graph_breaks),
-                      list(self.eager_calls))
+        loops = list(self._loops.values())
+        for i, loop in enumerate(loops):
+            estimate = self.adaptive_estimates.get(loop.name)
+            if self._adaptive and estimate is not None:
+                loops[i] = dataclasses.replace(loop, feedback=f"adaptive, now {summarize(estimate)}")
+        return Report(loops, list(self._left.values()), list(self.graph_breaks), list(self.eager_calls))
 
-    def lam_for(self, loop: LoopIR) -> torch.Tensor | None:
-        """λ of ``loop`` under this backend's mode (None: exact)."""
+    @property
+    def _adaptive(self) -> bool:
+        return self.mode == "dsf" and isinstance(self.feedback, str) and self.feedback == "adaptive"
+
+    def rule_for(self, loop: LoopIR) -> GradientRule:
+        """How ``loop``'s backward forms its state gradients under this backend's options."""
         if self.mode == "bptt":
-            return None
+            return GradientRule("bptt")
         if self.mode == "ft":
-            return torch.zeros(loop.state_size, dtype=torch.float64)
+            return GradientRule("ft", lam=(0.0,) * loop.state_size)
+        if self.mode == "highway":
+            rule = highway_rule(loop, self.iterations)
+            if rule is None:
+                raise UnsupportedLoopError(
+                    f"mode='highway' needs a residual path in the step, each new carry written as "
+                    f"a ⊙ carry + b(...) (a GRU's update gate, an LSTM's forget gate, a padding mask): "
+                    f"loop {loop.name} at {loop.source} (carries {', '.join(loop.carry_names)}) has none. "
+                    "Train it with mode='dsf' (feedback='adaptive' estimates its Jacobian's diagonal)."
+                )
+            return rule
+        if self._adaptive:
+            return GradientRule("dsf", adaptive=f"{self._key}/{loop.name}", momentum=self.momentum)
         # The seed is tied to the loop's name, not to discovery order, so λ survives
         # recompilation (a new sequence length) and graph breaks unchanged.
         seed = self.seed + zlib.crc32(loop.name.encode())
-        return resolve_feedback(self.feedback, loop, seed)
+        return GradientRule("dsf", lam=tuple(resolve_feedback(self.feedback, loop, seed).tolist()))
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> Callable:
         self._left_exact(find_nested_loops(gm))
         sites, left_exact = find_recurrent_ops(gm)
         self._left_exact(left_exact)
         for site in sites:
-            lams = [self.lam_for(loop) for loop in site.loops]
+            rules = [self.rule_for(loop) for loop in site.loops]
             if self.compiler != "none":
-                rewrite_recurrent_op(gm, site, self.mode, lams)
-            for loop, lam in zip(site.loops, lams):
-                self._note(loop, lam)
+                rewrite_recurrent_op(gm, site, rules)
+            for loop, rule in zip(site.loops, rules):
+                self._note(loop, rule)
         scans, left_exact = find_scan_loops(gm)
         self._left_exact(left_exact)
         for found in scans:
-            lam = self.lam_for(found.loop)
-            self._note(found.loop, lam)
+            rule = self.rule_for(found.loop)
+            self._note(found.loop, rule)
             if self.compiler != "none":
-                rewrite_scan_loop(gm, found, self.mode, lam)
+                rewrite_scan_loop(gm, found, rule)
         # A rewrite replaces nodes that later loops may read (one layer's stacked outputs
         # are the next layer's inputs): find again after each one.
         python_loops, left_exact = find_python_loops(gm)
         while python_loops:
             found = python_loops[0]
-            lam = self.lam_for(found.loop)
-            self._note(found.loop, lam)
+            rule = self.rule_for(found.loop)
+            self._note(found.loop, rule)
             if self.compiler == "none":
                 python_loops = python_loops[1:]
                 continue
-            rewrite_python_loop(gm, found, self.mode, lam)
+            rewrite_python_loop(gm, found, rule)
             python_loops, left_exact = find_python_loops(gm)
         self._left_exact(left_exact)
         return self._compile(gm, example_inputs)
@@ -147,7 +213,7 @@ class DSFBackend:
                 )
             self._left[(item.what, item.source, item.reason)] = item
 
-    def _note(self, loop: LoopIR, lam: torch.Tensor | None) -> None:
+    def _note(self, loop: LoopIR, rule: GradientRule) -> None:
         self._loops[(loop.name, loop.source)] = LoopReport(
             name=loop.name,
             origin=loop.origin,
@@ -157,8 +223,9 @@ class DSFBackend:
             state_size=loop.state_size,
             direction=loop.direction,
             carries=", ".join(f"{n}[{s}]" for n, s in zip(loop.carry_names, loop.carry_sizes)),
-            feedback=summarize(lam) if self.mode != "bptt" else "-",
-            rewrite={"dsf": "dsf", "ft": "ft (λ = 0)", "bptt": "exact (bptt)"}[self.mode],
+            feedback=_describe_feedback(loop, rule),
+            rewrite={"dsf": "dsf", "ft": "ft (λ = 0)", "bptt": "exact (bptt)",
+                     "highway": f"highway (k = {self.iterations})"}[self.mode],
         )
 
     def _record(self, kind: str, gm: torch.fx.GraphModule) -> None:

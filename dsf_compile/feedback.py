@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
@@ -12,7 +13,7 @@ from .loop_ir import LoopIR
 Feedback = str | float | Tensor | Callable[[LoopIR], Tensor | float | Sequence[float]]
 
 
-_CHOICES = "'linspace', 'uniform', a float, a 1-D tensor or a callable"
+_CHOICES = "'linspace', 'uniform', 'adaptive', a float, a 1-D tensor or a callable"
 
 
 class FeedbackError(ValueError):
@@ -22,7 +23,7 @@ class FeedbackError(ValueError):
 def check_feedback_option(feedback: Feedback) -> None:
     """Reject an unusable ``feedback`` argument before anything is compiled."""
     if isinstance(feedback, str):
-        if feedback not in ("linspace", "uniform"):
+        if feedback not in ("linspace", "uniform", "adaptive"):
             raise ValueError(f"feedback={feedback!r}: expected {_CHOICES}")
     elif isinstance(feedback, bool):
         raise TypeError(f"feedback must be {_CHOICES}, not a bool")
@@ -50,7 +51,10 @@ def resolve_feedback(feedback: Feedback, loop: LoopIR, seed: int) -> Tensor:
     """λ for ``loop``: a float64 CPU tensor of shape ``(loop.state_size,)`` in [0, 1].
 
     ``seed`` seeds the draw of ``"uniform"``; callers make it differ between loops.
+    ``"adaptive"`` has no λ before training: the backward estimates it.
     """
+    if isinstance(feedback, str) and feedback == "adaptive":
+        raise ValueError("feedback='adaptive' is estimated in the backward, not resolved beforehand")
     size = loop.state_size
     if isinstance(feedback, str) and feedback == "linspace":
         lam = torch.linspace(0, 1, size, dtype=torch.float64)
@@ -92,9 +96,47 @@ def summarize(lam: Tensor | None) -> str:
     """A short human description of λ for reports."""
     if lam is None:
         return "-"
+    lam = lam.double().cpu()
     if lam.numel() == 1 or bool((lam == lam[0]).all()):
         return f"const {lam[0].item():.3g}"
     ref = torch.linspace(0, 1, lam.numel(), dtype=lam.dtype)
     if torch.allclose(lam, ref):
         return f"linspace(0, 1, {lam.numel()})"
     return f"min {lam.min().item():.3g} mean {lam.mean().item():.3g} max {lam.max().item():.3g}"
+
+
+class AdaptiveEstimates(dict):
+    """The latest adaptive λ of each loop of one backend (loop name -> λ), kept between
+    backward passes for smoothing and read by its report."""
+
+
+# backend key -> its estimates; the backend holds them, so they go with it
+_ESTIMATES: weakref.WeakValueDictionary[str, AdaptiveEstimates] = weakref.WeakValueDictionary()
+
+
+def register_estimates(key: str) -> AdaptiveEstimates:
+    estimates = AdaptiveEstimates()
+    _ESTIMATES[key] = estimates
+    return estimates
+
+
+@torch.library.custom_op("dsf::smoothed_feedback", mutates_args=())
+def smoothed_feedback(estimate: Tensor, key: str, momentum: float) -> Tensor:
+    """``momentum · λ_previous + (1 − momentum) · estimate`` for the loop ``key`` names
+    (``"<backend>/<loop>"``), the estimate alone at its first backward; remembers the
+    result.  Opaque, so that the compiled backward calls it at every step."""
+    owner, _, loop = key.partition("/")
+    estimates = _ESTIMATES.get(owner)
+    previous = None if estimates is None else estimates.get(loop)
+    if previous is not None and previous.shape == estimate.shape:
+        lam = momentum * previous.to(estimate) + (1 - momentum) * estimate
+    else:
+        lam = estimate.clone()
+    if estimates is not None:
+        estimates[loop] = lam.detach().clone()
+    return lam
+
+
+@smoothed_feedback.register_fake
+def _(estimate: Tensor, key: str, momentum: float) -> Tensor:
+    return torch.empty_like(estimate)

@@ -4,9 +4,10 @@ They are opaque to AOTAutograd and Inductor on purpose: each is one node whateve
 sequence length, so compile time does not grow with T, and each picks the fastest
 implementation for the device at run time.
 
-* ``dsf::reverse_linear_scan`` — the DSF feedback recurrence ``δ_t = g_t + λ ⊙ δ_{t+1}``
-  where Triton cannot run it (a plain loop on CPU; :func:`reverse_linear_scan` picks the
-  Triton kernels of :mod:`dsf_compile.triton_scan`, which Inductor schedules, on CUDA).
+* ``dsf::reverse_linear_scan`` — the feedback recurrence ``δ_t = g_t + λ ⊙ δ_{t+1}``
+  (λ fixed for DSF, or a decay per step for Highway-BP) where Triton cannot run it (a
+  plain loop on CPU; :func:`reverse_linear_scan` picks the Triton kernels of
+  :mod:`dsf_compile.triton_scan`, which Inductor schedules, on CUDA).
 * ``dsf::loop_states`` — every state of a loop with a known kernel (:mod:`dsf_compile.kernels`).
   Differentiable (exact BPTT, by recomputing with autograd in the backward) for mode
   ``"bptt"``; the DSF/FT rewrites call it on detached inputs, for values only.
@@ -23,13 +24,20 @@ from .kernels import eager_dispatch, run_kernel
 
 def reverse_linear_scan(g: Tensor, lam: Tensor, backwards: bool = True) -> Tensor:
     """``δ_t = g_t + λ ⊙ δ_{t+1}`` over dim 0 with ``δ_{T+1} = 0`` (``backwards``), or
-    ``δ_t = g_t + λ ⊙ δ_{t-1}`` with ``δ_0 = 0``; ``g`` is ``(T, ..., S)``, ``lam`` ``(S,)``.
+    ``δ_t = g_t + λ ⊙ δ_{t-1}`` with ``δ_0 = 0``; ``g`` is ``(T, ..., S)``.
 
+    ``lam`` is ``(S,)``, one decay for every step (DSF), or ``g``'s shape, a decay per step
+    and row (Highway-BP): ``lam[t]`` multiplies the δ that step t receives.
     The Triton kernels where they run (CUDA), else the opaque ``dsf::reverse_linear_scan``.
     """
+    if lam.dim() != 1 and lam.shape != g.shape:
+        raise ValueError(f"reverse_linear_scan: decay of shape {tuple(lam.shape)}, expected "
+                         f"({g.shape[-1]},) or g's shape {tuple(g.shape)}")
     lam = lam.to(accumulator_dtype(g.dtype))
     if triton_scan.runs_on(g.device):
-        return triton_scan.linear_scan(g, lam, backwards)
+        if lam.dim() == 1:
+            return triton_scan.linear_scan(g, lam, backwards)
+        return triton_scan.varying_scan(g, lam, backwards)
     return opaque_linear_scan(g, lam, backwards)
 
 
@@ -46,10 +54,11 @@ def looped_linear_scan(g: Tensor, lam: Tensor, backwards: bool) -> Tensor:
     delta = torch.empty_like(g)
     steps = range(g.shape[0] - 1, -1, -1) if backwards else range(g.shape[0])
     lam = lam.to(accumulator_dtype(g.dtype))
+    varying = lam.dim() > 1
     acc = None
     for t in steps:
         step = g[t].to(lam.dtype)
-        acc = step if acc is None else torch.addcmul(step, lam, acc)
+        acc = step if acc is None else torch.addcmul(step, lam[t] if varying else lam, acc)
         delta[t] = acc
     return delta
 
@@ -111,6 +120,8 @@ def chunked_linear_scan(g: Tensor, lam: Tensor, backwards: bool, chunk: int = 16
 
 @opaque_linear_scan.register_kernel("cuda")
 def _(g: Tensor, lam: Tensor, backwards: bool) -> Tensor:
+    if lam.dim() > 1:  # (CUDA without Triton) a decay per step has no chunked form here
+        return looped_linear_scan(g, lam, backwards)
     return chunked_linear_scan(g, lam, backwards)
 
 

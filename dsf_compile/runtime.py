@@ -1,50 +1,78 @@
 """What a rewritten loop computes, for every mode; traced by AOTAutograd.
 
-For ``"dsf"`` and ``"ft"`` (DESIGN.md §1–2):
+For the approximate modes (DESIGN.md §1–2, §7):
 
 1. the states are computed once, for values only (``dsf::loop_states``);
 2. a feedback node returns them; in its backward it turns the direct gradients ``g``
-   into ``δ`` with :func:`~dsf_compile.ops.reverse_linear_scan` (Triton kernels on
-   CUDA, the opaque ``dsf::reverse_linear_scan`` elsewhere), then takes the VJP of the
-   step body applied to all T steps at once with the previous states shifted in and held
-   constant (``vmap`` over time): each weight gets one GEMM over T·B rows, the T local
-   VJPs being independent; the initial carries receive ``λ ⊙ δ_1``.
+   into ``δ`` — by :func:`~dsf_compile.ops.reverse_linear_scan` with a fixed λ
+   (``"dsf"``, ``"ft"``), with a λ estimated from the step's Jacobian diagonal
+   (``"dsf"`` with adaptive feedback), or by Highway-BP's iterations (``"highway"``) —
+   then takes the VJP of the step body applied to all T steps at once with the previous
+   states shifted in and held constant (``vmap`` over time): each weight gets one GEMM
+   over T·B rows, the T local VJPs being independent.  Every VJP against the states
+   (a Hutchinson probe, a highway iteration) reuses that one linearisation.
 
 For ``"bptt"`` the states come from ``dsf::loop_states`` with autograd: exact.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
+import torch.fx
 from torch import Tensor
 
 from . import ops
+from .feedback import smoothed_feedback
 from .loop_ir import LoopIR
+from .passes.find_highway import highway_body, highway_path
 
-MODES = ("dsf", "ft", "bptt")
+MODES = ("dsf", "ft", "highway", "bptt")
+
+
+@dataclass
+class GradientRule:
+    """How one loop's backward forms ``δ`` from its direct gradients ``g``.
+
+    ``mode``: ``"dsf"``/``"ft"`` (a diagonal feedback: ``lam``, fixed, or estimated at each
+    backward when ``adaptive`` names where the estimate is kept), ``"highway"``
+    (``iterations`` refinements of the highway scan, ``highway`` the step bodies whose
+    forward-mode derivative gives each carry's ``K``; None for a carry without a path)
+    or ``"bptt"``.
+    """
+
+    mode: str
+    lam: tuple[float, ...] | None = None
+    adaptive: str | None = None
+    momentum: float = 0.0
+    iterations: int = 0
+    highway: list[torch.fx.GraphModule | None] = field(default_factory=list)
 
 
 class DiagonalFeedback(torch.autograd.Function):
-    """A loop's states, with the DSF backward.
+    """A loop's states, with the backward of its :class:`GradientRule`.
 
     Forward: returns the exact states (computed beforehand, without autograd).
-    Backward: ``δ = reverse_linear_scan(g, λ)`` against the loop's direction, then one
+    Backward: ``δ`` against the loop's direction (see the module's docstring), then one
     VJP of the step body vmapped over all T steps (previous states shifted in, held
-    constant) for the per-step inputs and invariants; the initial carries get ``λ ⊙ δ_1``.
-    The batched recomputation lives in the backward, so the forward is the fused
-    recurrence alone and nothing of the body is kept for the backward but its inputs.
+    constant) for the per-step inputs and invariants.  The initial carries get ``λ ⊙ δ_1``
+    under a diagonal feedback, ``J_1ᵀ δ_1`` under Highway-BP (so that enough iterations
+    give exact BPTT).  The batched recomputation lives in the backward, so the forward is
+    the fused recurrence alone and nothing of the body is kept for the backward but its
+    inputs.
     """
 
     @staticmethod
-    def forward(ctx, loop: LoopIR, lam: Tensor, counts: tuple[int, int], *tensors: Tensor):
+    def forward(ctx, loop: LoopIR, rule: GradientRule, lam: Tensor | None, counts: tuple[int, int], *tensors: Tensor):
         n_states, _ = counts
-        ctx.loop, ctx.counts = loop, counts
+        ctx.loop, ctx.rule, ctx.counts = loop, rule, counts
         ctx.save_for_backward(lam, *tensors)
         return tuple(t.view_as(t) for t in tensors[:n_states])
 
     @staticmethod
     def backward(ctx, *grads: Tensor):
-        loop = ctx.loop
+        loop, rule = ctx.loop, ctx.rule
         n_states, n_inputs = ctx.counts
         lam, *saved = ctx.saved_tensors
         states = saved[:n_states]
@@ -53,24 +81,115 @@ class DiagonalFeedback(torch.autograd.Function):
         invariants = saved[2 * n_states + n_inputs :]
         sizes = [s.shape[-1] for s in states]
         g = torch.cat(grads, -1) if n_states > 1 else grads[0]
-        delta = ops.reverse_linear_scan(g, lam, not loop.reverse)
-        first = delta[-1] if loop.reverse else delta[0]
         previous = [previous_states(s, c, loop.reverse) for s, c in zip(states, init)]
-
+        first = -1 if loop.reverse else 0  # the step that consumed the initial carries
         # token ids, masks: inputs of the step that have no gradient
         x_slots, w_slots = ops.differentiable(step_inputs), ops.differentiable(invariants)
+        needs_previous = rule.mode == "highway" or rule.adaptive is not None
 
-        def body_over_time(xs, ws):
+        def body_over_time(xs, ws, *prevs):
             xs, ws = ops.filled(step_inputs, x_slots, xs), ops.filled(invariants, w_slots, ws)
-            return tuple(batched_body(loop, xs, previous, ws))
+            return tuple(batched_body(loop, xs, list(prevs) if prevs else previous, ws))
 
-        _, vjp = torch.func.vjp(body_over_time, tuple(step_inputs[i] for i in x_slots),
-                                tuple(invariants[i] for i in w_slots))
-        x_grads, w_grads = vjp(tuple(delta.split(sizes, -1)))
+        primals = (tuple(step_inputs[i] for i in x_slots), tuple(invariants[i] for i in w_slots))
+        _, vjp = torch.func.vjp(body_over_time, *primals, *(previous if needs_previous else ()))
+
+        def pullback(cotangent: Tensor):
+            return vjp(tuple(cotangent.split(sizes, -1)))
+
+        if rule.mode == "highway":
+            delta = highway_deltas(loop, rule, g, step_inputs, previous, invariants, pullback)
+        else:
+            if rule.adaptive is not None:
+                lam = adaptive_lam(rule, g, pullback)
+            delta = ops.reverse_linear_scan(g, lam, not loop.reverse)
+        x_grads, w_grads, *previous_grads = pullback(delta)
+        if rule.mode == "highway":
+            init_grads = tuple(p[first] for p in previous_grads)
+        else:
+            init_grads = (lam.to(delta.dtype) * delta[first]).split(sizes, -1)
         step_grads = ops.filled([None] * len(step_inputs), x_slots, x_grads)
         invariant_grads = ops.filled([None] * len(invariants), w_slots, w_grads)
-        init_grads = (lam.to(first.dtype) * first).split(sizes, -1)
-        return (None, None, None, *([None] * n_states), *step_grads, *init_grads, *invariant_grads)
+        return (None, None, None, None, *([None] * n_states), *step_grads, *init_grads, *invariant_grads)
+
+
+def adaptive_lam(rule: GradientRule, g: Tensor, pullback) -> Tensor:
+    """λ = clip(mean over steps and rows of diag J_t, 0, 1) by :func:`mean_jacobian_diagonal`,
+    smoothed across backward passes by ``rule.momentum``."""
+    estimate = mean_jacobian_diagonal(g, lambda probe: torch.cat(pullback(probe)[2:], -1))
+    return smoothed_feedback(estimate.clamp(0, 1), rule.adaptive, rule.momentum)
+
+
+def mean_jacobian_diagonal(like: Tensor, transposed_product) -> Tensor:
+    """The mean over all rows of ``like`` (T·B of them) of the diagonal of each row's
+    Jacobian, by Hutchinson's estimator ``E[v ⊙ Jᵀv] = diag J``: one Rademacher probe
+    ``v`` shaped like ``like``, ``transposed_product(v)`` giving every row's ``Jᵀv``.
+    Exact for a diagonal J whatever the probe."""
+    probe = torch.randint(0, 2, like.shape, device=like.device).to(like.dtype) * 2 - 1
+    accumulator = ops.accumulator_dtype(like.dtype)
+    products = probe.to(accumulator) * transposed_product(probe).to(accumulator)
+    return products.flatten(0, -2).mean(0)
+
+
+def highway_deltas(loop: LoopIR, rule: GradientRule, g: Tensor, step_inputs, previous, invariants, pullback) -> Tensor:
+    """Highway-BP (DESIGN.md §7): ``w⁰ = scan_K(g)``, then ``rule.iterations`` times
+    :func:`highway_refinement`; ``scan_K`` is the time-varying diagonal recurrence with
+    ``K``, each carry's highway coefficient at every step.  Each iteration is one VJP
+    against the states of the shared linearisation and one scan; after k of them the
+    last k+1 steps of δ are exact (the first k+1 of a reverse loop)."""
+    decays = highway_decays(loop, rule, step_inputs, previous, invariants).to(g.dtype)
+    w = ops.reverse_linear_scan(g, to_receiver(decays, loop.reverse), not loop.reverse)
+    for _ in range(rule.iterations):
+        w = highway_refinement(g, w, decays, lambda w: torch.cat(pullback(w)[2:], -1), loop.reverse)
+    return w
+
+
+def highway_refinement(g: Tensor, w: Tensor, decays: Tensor, transposed_product, reverse: bool) -> Tensor:
+    """``scan_K(g + v)`` with ``v_t = (J_{t+1} − K_{t+1})ᵀ w_{t+1}``: ``decays[t]`` is ``K``
+    at step t and ``transposed_product(w)[t]`` is ``J_tᵀ w_t`` (step t's Jacobian in the
+    state it consumed).  The exact δ is its fixed point."""
+    rest = transposed_product(w) - decays * w
+    receiving = to_receiver(decays, reverse)  # K_{t+1} multiplies the δ step t receives
+    return ops.reverse_linear_scan(g + to_receiver(rest, reverse), receiving, not reverse)
+
+
+def to_receiver(per_step: Tensor, reverse: bool) -> Tensor:
+    """Values computed at step t moved to the step whose δ they feed: t − 1 (t + 1 for a
+    reverse-time loop), with zeros where no step does."""
+    zero = torch.zeros_like(per_step[:1])
+    return torch.cat([zero, per_step[:-1]]) if reverse else torch.cat([per_step[1:], zero])
+
+
+def highway_decays(loop: LoopIR, rule: GradientRule, step_inputs, previous, invariants) -> Tensor:
+    """``K`` at every step, ``(T, B, state size)``: for each carry, the forward-mode
+    derivative of its new value along its highway path (zeros for a carry without one)."""
+    parts = []
+    for index, body in enumerate(rule.highway):
+        if body is None:
+            parts.append(torch.zeros_like(previous[index]))
+            continue
+        stepped = torch.func.vmap(
+            body, in_dims=(0,) * (len(step_inputs) + len(previous)) + (None,) * len(invariants))
+
+        def new_value(carry, index=index, stepped=stepped):
+            prevs = [carry if i == index else p for i, p in enumerate(previous)]
+            return stepped(*step_inputs, *prevs, *invariants)[index]
+
+        ones = torch.ones_like(previous[index])
+        parts.append(torch.func.jvp(new_value, (previous[index],), (ones,))[1])
+    return torch.cat(parts, -1)
+
+
+def highway_rule(loop: LoopIR, iterations: int) -> GradientRule:
+    """The Highway-BP rule of ``loop``; None if no carry has a highway path."""
+    bodies = [
+        highway_body(loop.body, loop.num_step_inputs, len(loop.carry_sizes), i)
+        if highway_path(loop.body, loop.num_step_inputs, len(loop.carry_sizes), i) else None
+        for i in range(len(loop.carry_sizes))
+    ]
+    if all(b is None for b in bodies):
+        return None
+    return GradientRule("highway", iterations=iterations, highway=bodies)
 
 
 def previous_states(states: Tensor, init: Tensor, reverse: bool) -> Tensor:
@@ -88,23 +207,24 @@ def batched_body(loop: LoopIR, step_inputs: list[Tensor], previous: list[Tensor]
 
 def run_loop(
     loop: LoopIR,
-    mode: str,
-    lam_values: list[float] | None,
+    rule: GradientRule,
     step_inputs: list[Tensor],
     init_carries: list[Tensor],
     invariants: list[Tensor],
 ) -> list[Tensor]:
-    """All states ``(T, B, size)`` of ``loop``, one per carry, with ``mode``'s gradients.
+    """All states ``(T, B, size)`` of ``loop``, one per carry, with ``rule``'s gradients.
 
-    λ enters the traced program as floats turned into a tensor inside it (a tensor
-    captured from the backend would be a real tensor among fake ones), in float32 even
-    for 16-bit models, whose rounding would turn decays near 1 into 1."""
+    A fixed λ enters the traced program as floats turned into a tensor inside it (a
+    tensor captured from the backend would be a real tensor among fake ones), in float32
+    even for 16-bit models, whose rounding would turn decays near 1 into 1."""
     kernel = loop.forward_kernel
-    if mode == "bptt":
+    if rule.mode == "bptt":
         return ops.loop_states(kernel, loop.reverse, step_inputs, init_carries, invariants)
     reference = init_carries[0]
-    lam = torch.tensor(lam_values, dtype=ops.accumulator_dtype(reference.dtype), device=reference.device)
+    lam = None
+    if rule.lam is not None:
+        lam = torch.tensor(rule.lam, dtype=ops.accumulator_dtype(reference.dtype), device=reference.device)
     detached = [[t.detach() for t in group] for group in (step_inputs, init_carries, invariants)]
     states = ops.loop_states(kernel, loop.reverse, *detached)
     counts = (len(states), len(step_inputs))  # the rest of the tensors are invariants
-    return list(DiagonalFeedback.apply(loop, lam, counts, *states, *step_inputs, *init_carries, *invariants))
+    return list(DiagonalFeedback.apply(loop, rule, lam, counts, *states, *step_inputs, *init_carries, *invariants))

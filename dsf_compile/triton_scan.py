@@ -20,8 +20,9 @@ themselves run on CPU tensors through :func:`launch_linear_scan`, which is how t
 tested without a GPU (the interpreter's kernels cannot be traced into graphs).
 
 :func:`linear_recurrence` runs the same tiles with a decay that changes at every step
-and a start value, in one kernel: the time-varying diagonal recurrence that Highway-BP's
-scan is (DESIGN.md §7).  No rewrite calls it yet; it is tested on its own.
+and a start value, in one kernel; :func:`varying_scan` is that kernel as an op, run
+against time from zero: the time-varying diagonal recurrence of Highway-BP's backward
+(DESIGN.md §7).  It reads one decay per element, so its floor is three tensors' traffic.
 """
 
 from __future__ import annotations
@@ -122,12 +123,12 @@ if triton is not None:
 
     @triton.jit
     def _linear_recurrence_kernel(decay_ptr, values_ptr, init_ptr, out_ptr, T, C, TILES,
-                                  BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+                                  BACKWARDS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
         cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         col_ok = cols < C
         carry = tl.load(init_ptr + cols, mask=col_ok, other=0.0)
         for tile in range(0, TILES):
-            offsets, mask = _tile(0, tile, T, C, cols, col_ok, False, BLOCK_T)
+            offsets, mask = _tile(0, tile, T, C, cols, col_ok, BACKWARDS, BLOCK_T)
             decay = tl.load(decay_ptr + offsets, mask=mask, other=1.0).to(carry.dtype)
             values = tl.load(values_ptr + offsets, mask=mask, other=0.0).to(carry.dtype)
             states, carry = _scan_tile(decay, values, carry, BLOCK_T)
@@ -191,15 +192,29 @@ if triton is not None:
         """Every state of ``s_t = decay_t ⊙ s_{t-1} + values_t`` from ``s_0 = init``, over
         dim 0 of ``(T, ...)`` tensors (e.g. an LSTM's cell states given its gates): one
         kernel instead of T.  Values only, accumulated in float32 (float64 for float64)."""
-        decay, values = decay.contiguous(), values.contiguous()
+        init = init.to(torch.promote_types(values.dtype, torch.float32))
+        return _launch_recurrence(lambda kernel: kernel, decay, values, init, False)
+
+    def _launch_recurrence(wrap, decay: Tensor, values: Tensor, init: Tensor, backwards: bool) -> Tensor:
+        decay, values, init = decay.contiguous(), values.contiguous(), init.contiguous()
         length, columns = values.shape[0], values[0].numel()
-        init = init.to(torch.promote_types(values.dtype, torch.float32)).contiguous()
         out = torch.empty_like(values)
         block_t, block_c = 32, 64
-        _linear_recurrence_kernel[(_cdiv(columns, block_c),)](
-            decay, values, init, out, length, columns, _cdiv(length, block_t), BLOCK_T=block_t, BLOCK_C=block_c,
-            num_warps=4)
+        wrap(_linear_recurrence_kernel)[(_cdiv(columns, block_c),)](
+            decay, values, init, out, length, columns, _cdiv(length, block_t), BACKWARDS=backwards,
+            BLOCK_T=block_t, BLOCK_C=block_c, num_warps=4)
         return out
+
+    def launch_varying_scan(g: Tensor, decay: Tensor, backwards: bool, wrap=lambda kernel: kernel) -> Tensor:
+        """:func:`varying_scan`'s kernel launched directly (no custom op): for tests."""
+        init = torch.zeros(g[0].numel(), dtype=decay.dtype, device=g.device)
+        return _launch_recurrence(wrap, decay, g, init, backwards)
+
+    @torch.library.triton_op("dsf::varying_scan_triton", mutates_args=())
+    def varying_scan(g: Tensor, decay: Tensor, backwards: bool) -> Tensor:
+        """``δ_t = g_t + decay_t ⊙ δ_{t+1}`` (``δ_{t-1}`` unless ``backwards``) from zero:
+        ``dsf::reverse_linear_scan`` with a decay per step, by one Triton kernel."""
+        return launch_varying_scan(g, decay, backwards, torch.library.wrap_triton)
 
     @torch.library.triton_op("dsf::linear_scan_triton", mutates_args=())
     def linear_scan(g: Tensor, lam: Tensor, backwards: bool) -> Tensor:

@@ -69,9 +69,9 @@ def _train_once(model, x, h0, loss_fn):
     return (out.detach(), *(h.detach() for h in hs)), grads
 
 
-def run_compiled(module, x, h0, loss_fn, mode, feedback="linspace", compiler="aot_eager"):
+def run_compiled(module, x, h0, loss_fn, mode, feedback="linspace", compiler="aot_eager", **options):
     """Apply dsf_compile to a copy of ``module``; outputs and gradients like the reference's."""
-    model = dsf_compile.apply(copy.deepcopy(module), mode, feedback, compiler=compiler)
+    model = dsf_compile.apply(copy.deepcopy(module), mode, feedback, compiler=compiler, **options)
     return (model, *_train_once(model, x, h0, loss_fn))
 
 

@@ -183,3 +183,63 @@ def dsf_reference_loop(step, xs, init, lam, loss_of_states, params):
                 grads[i] += d
     init_grad = (lam * delta[0]).split(sizes, -1)
     return states, grads, x_grads, init_grad
+
+
+def highway_reference_loop(step, decay_of, xs, init, iterations, loss_of_states, params):
+    """Highway-BP gradients of ``loss_of_states(states)`` for ``s_t = step(x_t, s_{t-1})``,
+    written out step by step (DESIGN.md §7).
+
+    ``decay_of(*x_t, *s_{t-1})`` is the step's highway diagonal K over the concatenated
+    carries, written by the caller from the cell's formula (not found in a graph).
+    ``J_tᵀ w`` is per-step autograd.  Returns what :func:`dsf_reference_loop` returns;
+    the initial carries get ``J_1ᵀ δ_1``.
+    """
+    T, n = len(xs), len(init)
+    sizes = [c.shape[-1] for c in init]
+    states, prev = [], []
+    s = tuple(c.detach() for c in init)
+    with torch.no_grad():
+        for x in xs:
+            prev.append(s)
+            s = tuple(step(*x, *s))
+            states.append(s)
+    leaves = [tuple(c.clone().requires_grad_() for c in st) for st in states]
+    loss = loss_of_states(leaves)
+    flat = [c for st in leaves for c in st]
+    found = torch.autograd.grad(loss, flat + list(params), allow_unused=True)
+    g = [torch.zeros_like(c) if d is None else d for c, d in zip(flat, found)]
+    grads = [torch.zeros_like(p) if d is None else d.clone() for p, d in zip(params, found[len(flat) :])]
+    direct = [torch.cat(g[t * n : (t + 1) * n], -1) for t in range(T)]
+    with torch.no_grad():
+        K = [torch.cat([torch.as_tensor(k) for k in decay_of(*xs[t], *prev[t])], -1) for t in range(T)]
+
+    def transposed(t, w):
+        carried = tuple(c.clone().requires_grad_() for c in prev[t])
+        with torch.enable_grad():
+            new = torch.cat(step(*xs[t], *carried), -1)
+            return torch.cat(torch.autograd.grad(new, carried, w), -1)
+
+    def scan(u):
+        w = [None] * T
+        for t in reversed(range(T)):
+            w[t] = u[t] if t == T - 1 else u[t] + K[t + 1] * w[t + 1]
+        return w
+
+    w = scan(direct)
+    for _ in range(iterations):
+        v = [transposed(t + 1, w[t + 1]) - K[t + 1] * w[t + 1] if t < T - 1 else torch.zeros_like(w[t])
+             for t in range(T)]
+        w = scan([direct[t] + v[t] for t in range(T)])
+    x_grads = []
+    for t, x in enumerate(xs):
+        x_leaf = tuple(v.clone().requires_grad_(v.is_floating_point()) for v in x)
+        wrt = [v for v in x_leaf if v.requires_grad]
+        with torch.enable_grad():
+            new = torch.cat(step(*x_leaf, *prev[t]), -1)
+            found = torch.autograd.grad(new, [*wrt, *params], w[t], allow_unused=True)
+        x_grads.append(found[: len(wrt)])
+        for i, d in enumerate(found[len(wrt) :]):
+            if d is not None:
+                grads[i] += d
+    init_grad = transposed(0, w[0]).split(sizes, -1)
+    return states, grads, x_grads, init_grad

@@ -17,17 +17,16 @@ from torch import Tensor
 
 from ..kernels import register_body
 from ..loop_ir import LoopIR
-from ..runtime import previous_states, run_loop
+from ..runtime import GradientRule, previous_states, run_loop
 from .find_python_loops import PythonLoop, StepInputFamily
 
 
-def make_loop_runner(loop: LoopIR, epilogue: torch.fx.GraphModule | None, mode: str, lam: Tensor | None):
+def make_loop_runner(loop: LoopIR, epilogue: torch.fx.GraphModule | None, rule: GradientRule):
     """``runner(step_inputs, init, invariants, epilogue_invariants)`` → the states of
     every carry, then the epilogue's per-step outputs, all ``(T, ...)`` in time order."""
-    lam_values = None if lam is None else lam.tolist()
 
     def runner(step_inputs: list[Tensor], init: list[Tensor], invariants: list[Tensor], extra: list[Tensor]):
-        states = run_loop(loop, mode, lam_values, list(step_inputs), list(init), list(invariants))
+        states = run_loop(loop, rule, list(step_inputs), list(init), list(invariants))
         if epilogue is None:
             return tuple(states)
         previous = [previous_states(s, c, loop.reverse) for s, c in zip(states, init)]
@@ -35,7 +34,7 @@ def make_loop_runner(loop: LoopIR, epilogue: torch.fx.GraphModule | None, mode: 
         outputs = torch.func.vmap(epilogue, in_dims=batched)(*step_inputs, *previous, *states, *extra)
         return (*states, *outputs)
 
-    runner.__name__ = runner.__qualname__ = f"dsf_python_loop_{mode}"
+    runner.__name__ = runner.__qualname__ = f"dsf_python_loop_{rule.mode}"
     return runner
 
 
@@ -72,7 +71,7 @@ def _splits_into_single_steps(node: torch.fx.Node) -> bool:
     return size == 1
 
 
-def rewrite_python_loop(gm: torch.fx.GraphModule, found: PythonLoop, mode: str, lam: Tensor | None) -> None:
+def rewrite_python_loop(gm: torch.fx.GraphModule, found: PythonLoop, rule: GradientRule) -> None:
     graph = gm.graph
     loop = found.loop
     loop.forward_kernel = register_body(loop)
@@ -81,7 +80,7 @@ def rewrite_python_loop(gm: torch.fx.GraphModule, found: PythonLoop, mode: str, 
     with graph.inserting_before(found.segments[-1][-1].next):
         stacked = [_stack_step_input(graph, family, indices) for family, indices in found.step_inputs]
         runner = graph.call_function(
-            make_loop_runner(loop, found.epilogue, mode, lam),
+            make_loop_runner(loop, found.epilogue, rule),
             (stacked, list(found.init), list(found.invariants), list(found.epilogue_invariants)),
         )
         results = [
@@ -136,12 +135,12 @@ def _is_stack_of(user: torch.fx.Node, nodes: list[torch.fx.Node]) -> bool:
     )
 
 
-def rewrite_scan_loop(gm: torch.fx.GraphModule, found, mode: str, lam: Tensor | None) -> None:
+def rewrite_scan_loop(gm: torch.fx.GraphModule, found, rule: GradientRule) -> None:
     """Replace a ``scan`` op by the same runner; its outputs keep the op's layout
     (final carries, then the stacked per-step outputs)."""
     loop = found.loop
     loop.forward_kernel = register_body(loop)
-    runner = make_loop_runner(loop, found.epilogue, mode, lam)
+    runner = make_loop_runner(loop, found.epilogue, rule)
     layout = found.outputs
     n_carries = len(loop.carry_sizes)
 
@@ -151,7 +150,7 @@ def rewrite_scan_loop(gm: torch.fx.GraphModule, found, mode: str, lam: Tensor | 
         picked = {"final": lambda j: states[j][-1], "states": lambda j: states[j], "epilogue": lambda m: epilogue[m]}
         return [picked[kind](index) for kind, index in layout]
 
-    scan_runner.__name__ = scan_runner.__qualname__ = f"dsf_scan_{mode}"
+    scan_runner.__name__ = scan_runner.__qualname__ = f"dsf_scan_{rule.mode}"
     node = found.node
     combine = node.args[0]
     node.target = scan_runner

@@ -9,7 +9,8 @@ import itertools
 import pytest
 import torch
 
-from dsf_compile.triton_scan import ScanPlan, launch_linear_scan, linear_recurrence, plan_scan
+from dsf_compile.ops import looped_linear_scan
+from dsf_compile.triton_scan import ScanPlan, launch_linear_scan, launch_varying_scan, linear_recurrence, plan_scan
 
 from ..helpers import assert_close, make_case, rel_err, run_compiled
 from ..reference import dsf_reference
@@ -56,6 +57,21 @@ def test_time_varying_recurrence_matches_the_loop(shape, dtype):
         want.append(c)
     got = linear_recurrence(forget.to(dtype), write.to(dtype), init.to(dtype))
     assert got.dtype == dtype and rel_err(got.double(), torch.stack(want)) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("backwards", [True, False])
+@pytest.mark.parametrize("dtype", list(TOLERANCE))
+@pytest.mark.parametrize("shape", [(1, 1, 1), (33, 2, 5), (70, 3, 40)])
+def test_scan_with_a_decay_per_step_matches_the_loop(shape, dtype, backwards):
+    """Highway-BP's scan: δ_t = g_t + a_t ⊙ δ_{t±1}, against the loop of the CPU op."""
+    gen = torch.Generator().manual_seed(sum(shape) + backwards)
+    g = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    accumulator = torch.float64 if dtype == torch.float64 else torch.float32
+    decay = torch.rand(shape, generator=gen, dtype=torch.float64).to(accumulator)
+    want = looped_linear_scan(g.double(), decay.double(), backwards)
+    got = launch_varying_scan(g, decay, backwards)
+    assert got.dtype == dtype and got.shape == g.shape
+    assert rel_err(got.double(), want) <= TOLERANCE[dtype]
 
 
 def test_default_plan_splits_time_only_when_columns_are_few():
