@@ -61,14 +61,24 @@ CONFIGS = {
     "ptb": dict(model="stack", width=256, layers=3, T=64, B=128, V=10_000),
     "wt103": dict(model="blocks", width=512, layers=3, T=256, B=128, V=16_000),
     "long": dict(model="blocks", width=512, layers=3, T=1024, B=32, V=16_000),
+    # the CPU's own measurement (issue #12's targets), named explicitly: --configs cpu
+    "cpu": dict(model="stack", width=256, layers=2, T=256, B=16, V=1000),
 }
 SMALL = {
     "ptb": dict(model="stack", width=32, layers=2, T=12, B=8, V=200),
     "wt103": dict(model="blocks", width=32, layers=2, T=16, B=8, V=200),
     "long": dict(model="blocks", width=32, layers=2, T=64, B=2, V=200),
+    "cpu": dict(model="stack", width=32, layers=2, T=32, B=4, V=200),
 }
 SWEEP_TOKENS = 32 * 1024
 GRU_METHODS = ("cudnn-bptt", "compile-bptt", "dsf-bptt", "dsf-ft", "dsf-dsf")
+# the backward rewrites beyond fixed λ (DESIGN.md §7), timed when named in --methods
+EXTRA_GRU_METHODS = ("dsf-adaptive", "dsf-highway1", "dsf-highway2")
+APPLY_OPTIONS = {
+    "dsf-adaptive": dict(mode="dsf", feedback="adaptive"),
+    "dsf-highway1": dict(mode="highway", iterations=1),
+    "dsf-highway2": dict(mode="highway", iterations=2),
+}
 CELL_METHODS = ("eager-bptt", "compile-bptt", "dsf-dsf")
 FAMILIES = {"nn.GRU": ("gru", GRU_METHODS), "cell": ("gru-loop", CELL_METHODS)}
 
@@ -81,7 +91,7 @@ def build(config: dict, model: str, method: str, device: str) -> nn.Module:
     if method == "compile-bptt":
         return torch.compile(net)
     if method.startswith("dsf-"):
-        return dsf_compile.apply(net, method.removeprefix("dsf-"))
+        return dsf_compile.apply(net, **APPLY_OPTIONS.get(method, dict(mode=method.removeprefix("dsf-"))))
     return net
 
 
@@ -294,7 +304,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--small", action="store_true", help="tiny shapes: a CPU run in minutes")
     parser.add_argument("--sweep", type=int, nargs="*", default=None,
                         help="T values of the sweep at a fixed token count (default 64…4096; none with --small)")
-    parser.add_argument("--methods", nargs="*", default=None, help="only these methods (e.g. cudnn-bptt dsf-dsf)")
+    parser.add_argument("--methods", nargs="*", default=None, choices=[*GRU_METHODS, *CELL_METHODS, *EXTRA_GRU_METHODS],
+                        help="only these methods (e.g. cudnn-bptt dsf-dsf); "
+                             f"{', '.join(EXTRA_GRU_METHODS)} run only when named")
     parser.add_argument("--skip", nargs="*", default=[], help="methods not to run (e.g. compile-bptt)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps of a row in each round")
     parser.add_argument("--rounds", type=int, default=5,
@@ -314,7 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def configs_of(args: argparse.Namespace) -> list[dict]:
     table = SMALL if args.small else CONFIGS
-    configs = [{"name": name, **table[name]} for name in (args.configs or table)]
+    configs = [{"name": name, **table[name]} for name in (args.configs or [n for n in table if n != "cpu"])]
     sweep = args.sweep if args.sweep is not None else ([] if args.small or args.configs else [64, 256, 1024, 4096])
     for T in sweep:
         configs.append({"name": f"sweep-T{T}", **CONFIGS["long"], "T": T, "B": max(1, SWEEP_TOKENS // T)})
@@ -337,8 +349,9 @@ def run(args: argparse.Namespace) -> dict:
         for model_kind, (_, methods) in FAMILIES.items():
             if model_kind == "cell" and config["name"].startswith("sweep"):
                 continue
-            wanted = [m for m in methods if (args.methods is None or m in args.methods) and m not in args.skip
-                      and (config["name"], model_kind, m) not in done]
+            named = [m for m in EXTRA_GRU_METHODS if model_kind == "nn.GRU" and args.methods and m in args.methods]
+            wanted = [m for m in (*methods, *named) if (args.methods is None or m in args.methods)
+                      and m not in args.skip and (config["name"], model_kind, m) not in done]
             if not wanted:
                 continue
             rows = measure_side_by_side(config, model_kind, wanted, device, args)

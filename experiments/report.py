@@ -7,7 +7,9 @@ Reads each run's ``summary.json`` and ``log.jsonl``; writes ``<out>/<name>.json`
 (``{"runs": [{"config", "method", "best_valid_ppl", "tokens", "epochs", ...}]}``),
 ``<out>/<name>.md`` (best validation perplexity per config and method, the gap DSF
 closes between FT-BPTT and BPTT, the paper's numbers where they exist, every departure
-from the protocol) and ``<out>/<name>-curves.png`` (train and validation perplexity).
+from the protocol), ``<out>/<name>-curves.png`` (train and validation perplexity) and,
+for runs trained with ``--fidelity-every``, ``<out>/<name>-fidelity.png`` (the cosine of
+each method's gradient to exact BPTT's over training).
 """
 
 from __future__ import annotations
@@ -60,6 +62,31 @@ def plot(runs: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_fidelity(runs: list[dict], path: Path) -> bool:
+    """Cosine to exact BPTT over training, one line per run that logged it."""
+    logged = [(run, [e for e in run["log"] if e["kind"] == "fidelity"]) for run in runs]
+    logged = [(run, entries) for run, entries in logged if entries]
+    if not logged:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for run, entries in logged:
+        ax.plot([e["tokens"] for e in entries], [e["cosine"] for e in entries], marker=".",
+                label=f"{run['config']} {run['method']}")
+    ax.set(xlabel="training tokens", ylabel="cosine to exact BPTT (all parameters)", ylim=(-0.05, 1.02),
+           title="Gradient fidelity over training")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", required=True, help="run folders")
@@ -97,11 +124,16 @@ def main(argv: list[str] | None = None) -> str:
             "-" if paper_closure is None else f"{100 * paper_closure:.0f}%",
             "; ".join(sorted(notes[key])),
         ])
-    headers = ["config", "BPTT", "FT-BPTT", "DSF", "gap closed", "paper B/FT/DSF", "paper gap", "runs"]
+    others = sorted({m for ppl in groups.values() for m in ppl if m not in METHODS})  # dsf-adaptive, highway-k1
+    for row, ppl in zip(rows, groups.values()):
+        row[4:4] = [f"{ppl[m]:.2f}" if m in ppl else "-" for m in others]
+    headers = ["config", "BPTT", "FT-BPTT", "DSF", *others, "gap closed", "paper B/FT/DSF", "paper gap", "runs"]
     table = tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)  # keep "221.00" as written
     text = (f"# {args.name}: best validation perplexity\n\nGap closed = (FT − DSF) / (FT − BPTT). "
             f"Produced by `python experiments/report.py --runs {' '.join(args.runs)} --name {args.name}`.\n\n"
             f"{table}\n\n![curves]({args.name}-curves.png)\n")
+    if plot_fidelity(runs, out / f"{args.name}-fidelity.png"):
+        text += f"\n![gradient fidelity]({args.name}-fidelity.png)\n"
     (out / f"{args.name}.md").write_text(text)
     plot(runs, out / f"{args.name}-curves.png")
     print(text)

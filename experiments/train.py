@@ -46,9 +46,20 @@ CONFIGS = {
     ),
 }
 RUN_DEFAULTS = dict(
-    method="dsf", feedback="linspace", seed=0, compiler="inductor", device="auto", tf32=True,
-    data_root=str(DEFAULT_ROOT), cache=str(DEFAULT_CACHE), use_datasets=True, log_every=50,
-    checkpoint_every=500, max_steps=0, max_train_chars=0, valid_batches=0,
+    method="dsf", feedback="linspace", iterations=1, momentum=0.9, seed=0, compiler="inductor", device="auto",
+    tf32=True, data_root=str(DEFAULT_ROOT), cache=str(DEFAULT_CACHE), use_datasets=True, log_every=50,
+    checkpoint_every=500, max_steps=0, max_train_chars=0, valid_batches=0, fidelity_every=0,
+)
+# flags restricted to a list of values
+CHOICES = dict(method=("dsf", "ft", "highway", "bptt"), feedback=("linspace", "uniform", "adaptive"),
+               compiler=("inductor", "aot_eager"), device=("auto", "cpu", "cuda"), data=("ptb", "wiki"),
+               model=("stack", "blocks"), cell=("gru", "lstm", "rnn", "gru-loop"), schedule=("step", "cosine"))
+HELP = dict(
+    method="training method, through dsf_compile.apply(model, mode=method)",
+    feedback="λ of mode dsf: the paper's linspace, uniform random, or adaptive (estimated in the backward)",
+    iterations="Highway-BP refinements (method highway)",
+    momentum="smoothing of adaptive λ across steps (feedback adaptive)",
+    fidelity_every="every N steps, log the cosine of the method's gradient to exact BPTT's (0: never)",
 )
 # Limits a run may be given that shorten the protocol whenever they are set.
 RUN_LIMITS = ("max_steps", "max_train_chars", "valid_batches")
@@ -69,12 +80,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     for key, value in {**CONFIGS["wiki"], **RUN_DEFAULTS}.items():
         flag = "--" + key.replace("_", "-")
+        help_text = HELP.get(key, f"protocol setting (default: the config's, here {value!r} for wiki)")
         if isinstance(value, bool):
-            parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=None)
+            parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=None, help=help_text)
         elif isinstance(value, list):
-            parser.add_argument(flag, type=int, nargs="*", default=None)
+            parser.add_argument(flag, type=int, nargs="*", default=None, help=help_text)
         else:
-            parser.add_argument(flag, type=type(value), default=None)
+            parser.add_argument(flag, type=type(value), default=None, choices=CHOICES.get(key), help=help_text)
     return parser.parse_args(argv)
 
 
@@ -159,6 +171,25 @@ def evaluate(model: torch.nn.Module, data: Data, device: str) -> float:
     return math.exp(total / count)
 
 
+def method_options(config: dict) -> dict:
+    """The apply() options the run's method reads (the others must not be passed)."""
+    options = {}
+    if config["method"] == "highway":
+        options["iterations"] = config["iterations"]
+    if config["feedback"] == "adaptive":
+        options["momentum"] = config["momentum"]
+    return options
+
+
+def method_label(config: dict) -> str:
+    """The method as the report names it: dsf, dsf-adaptive, highway-k2, ..."""
+    if config["method"] == "highway":
+        return f"highway-k{config['iterations']}"
+    if config["method"] == "dsf" and config["feedback"] != "linspace":
+        return f"dsf-{config['feedback']}"
+    return config["method"]
+
+
 def save_checkpoint(path: Path, **state) -> None:
     state["rng"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -206,7 +237,8 @@ def main(argv: list[str] | None = None) -> dict:
         if checkpoint["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
         print(f"resuming {out} at epoch {state['epoch']}, batch {state['batch']} (step {state['step']})")
-    dsf_compile.apply(model, config["method"], config["feedback"], seed=config["seed"], compiler=config["compiler"])
+    dsf_compile.apply(model, config["method"], config["feedback"], seed=config["seed"], compiler=config["compiler"],
+                      **method_options(config))
     log = (out / "log.jsonl").open("a")
 
     def record(**entry) -> None:
@@ -218,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
                         scheduler=scheduler.state_dict(), state=state, config=config)
 
     total_steps = steps_per_epoch * config["epochs"]
-    print(f"{config['config']} / {config['method']}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+    print(f"{config['config']} / {method_label(config)}: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{steps_per_epoch} steps per epoch, {config['epochs']} epochs, data {data.source}, device {device}")
     window_loss, window_tokens, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
     stopped = False
@@ -228,8 +260,14 @@ def main(argv: list[str] | None = None) -> dict:
             if config["max_steps"] and state["step"] >= config["max_steps"]:
                 stopped = True
                 break
-            started = time.perf_counter()
             x, y = x.to(device), y.to(device)
+            if config["fidelity_every"] and state["step"] % config["fidelity_every"] == 0:
+                fidelity = dsf_compile.gradient_fidelity(
+                    model, lambda x=x, y=y: masked_cross_entropy(model(x), y, data.pad))
+                record(kind="fidelity", step=state["step"], epoch=state["epoch"], tokens=state["tokens"],
+                       cosine=fidelity.cosine, relative_error=fidelity.relative_error,
+                       parameters={p.name: p.cosine for p in fidelity.parameters})
+            started = time.perf_counter()
             loss = masked_cross_entropy(model(x), y, data.pad)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -266,7 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
         checkpoint_now()
     log.close()
     summary = {
-        "config": config["config"], "method": config["method"],
+        "config": config["config"], "method": method_label(config),
         "best_valid_ppl": state["best_valid_ppl"] if math.isfinite(state["best_valid_ppl"]) else None,
         "tokens": state["tokens"], "epochs": state["epoch"], "steps": state["step"], "complete": not stopped,
         "data": data.source, "width": config["width"], "layers": config["layers"], "cell": config["cell"],

@@ -165,3 +165,52 @@ def test_profile_step_writes_a_table_per_method(tmp_path):
     assert text.count("## ptb nn.GRU ") == 2 and "step " in text and "Name" in text
     with pytest.raises(SystemExit):
         profile_step.main(["--small", "--model", "cell", "--methods", "dsf-ft"])  # not a cell row
+
+
+def test_highway_and_adaptive_runs_log_fidelity_and_the_report_plots_it(data_root, tmp_path):
+    runs = []
+    for extra in (["--method", "highway", "--iterations", "1"], ["--method", "dsf", "--feedback", "adaptive"]):
+        summary = _run(data_root, tmp_path / extra[-1], "--epochs", "1", "--fidelity-every", "4", *extra)
+        assert summary["complete"]
+        log = [json.loads(line) for line in (tmp_path / extra[-1] / "log.jsonl").open()]
+        fidelity = [e for e in log if e["kind"] == "fidelity"]
+        assert [e["step"] for e in fidelity] == list(range(0, summary["steps"], 4))
+        assert all(0 < e["cosine"] <= 1 + 1e-9 and e["parameters"]["head.weight"] > 0.999 for e in fidelity)
+        runs.append(tmp_path / extra[-1])
+    assert [json.loads((r / "summary.json").read_text())["method"] for r in runs] == ["highway-k1", "dsf-adaptive"]
+    table = report.main(["--runs", *map(str, runs), "--name", "modes", "--out", str(tmp_path / "results")])
+    assert "highway-k1" in table and "dsf-adaptive" in table and "modes-fidelity.png" in table
+    assert (tmp_path / "results" / "modes-fidelity.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("flag,value", [("--method", "stak"), ("--feedback", "linspac"), ("--compiler", "x")])
+def test_a_choice_flag_out_of_its_choices_is_refused(data_root, tmp_path, flag, value):
+    with pytest.raises(SystemExit):
+        _run(data_root, tmp_path / "run", flag, value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_fidelity_experiment_writes_its_table(data_root, tmp_path):
+    import fidelity
+
+    result = fidelity.main(["--data-root", str(data_root), "--out", str(tmp_path / "fid"), "--width", "8",
+                            "--context", "8", "--batch", "2", "--steps", "2", "--every", "1",
+                            "--methods", "ft", "highway-k0", "highway-k4"])
+    assert [r["step"] for r in result["records"]] == [0, 1, 2]
+    for record in result["records"]:
+        # T = 8: four iterations leave the first three steps approximate, FT is further off
+        assert record["methods"]["highway-k4"]["recurrent_cosine"] > record["methods"]["ft"]["recurrent_cosine"]
+        assert all(-1 <= m["recurrent_cosine"] <= 1 + 1e-9 for m in record["methods"].values())
+    assert "highway-k4" in (tmp_path / "fid.md").read_text() and (tmp_path / "fid.png").stat().st_size > 1000
+
+
+def test_benchmark_times_the_extra_backward_rewrites_when_named(tmp_path):
+    import bench
+
+    result = bench.main(["--small", "--configs", "cpu", "--steps", "1", "--rounds", "1", "--warmup", "0",
+                         "--no-scan", "--methods", "dsf-dsf", "dsf-highway1", "dsf-adaptive",
+                         "--out", str(tmp_path / "bench")])
+    rows = {(r["model"], r["method"]): r for r in result["rows"]}
+    assert set(rows) == {("nn.GRU", "dsf-dsf"), ("nn.GRU", "dsf-highway1"), ("nn.GRU", "dsf-adaptive"),
+                         ("cell", "dsf-dsf")}
+    assert all(r["step_ms"] > 0 and r["loops"] == 2 for r in rows.values())
