@@ -55,8 +55,8 @@ def _describe_feedback(loop: LoopIR, rule: GradientRule) -> str:
     if rule.mode == "bptt":
         return "-"
     if rule.mode == "highway":
-        with_path = [n for n, body in zip(loop.carry_names, rule.highway) if body is not None]
-        without = [n for n, body in zip(loop.carry_names, rule.highway) if body is None]
+        with_path = [n for n, path in zip(loop.carry_names, rule.highway.paths) if path]
+        without = [n for n, path in zip(loop.carry_names, rule.highway.paths) if not path]
         return f"K on {', '.join(with_path)}" + (f" (0 on {', '.join(without)})" if without else "")
     if rule.adaptive is not None:
         return f"adaptive (momentum {rule.momentum:g})"

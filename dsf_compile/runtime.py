@@ -17,7 +17,7 @@ For ``"bptt"`` the states come from ``dsf::loop_states`` with autograd: exact.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.fx
@@ -26,7 +26,7 @@ from torch import Tensor
 from . import ops
 from .feedback import smoothed_feedback
 from .loop_ir import LoopIR
-from .passes.find_highway import highway_body, highway_path
+from .passes.find_highway import HighwayStep
 
 MODES = ("dsf", "ft", "highway", "bptt")
 
@@ -37,9 +37,8 @@ class GradientRule:
 
     ``mode``: ``"dsf"``/``"ft"`` (a diagonal feedback: ``lam``, fixed, or estimated at each
     backward when ``adaptive`` names where the estimate is kept), ``"highway"``
-    (``iterations`` refinements of the highway scan, ``highway`` the step bodies whose
-    forward-mode derivative gives each carry's ``K``; None for a carry without a path)
-    or ``"bptt"``.
+    (``iterations`` refinements of the highway scan; ``highway`` runs the step with each
+    carry's ``K``) or ``"bptt"``.
     """
 
     mode: str
@@ -47,7 +46,7 @@ class GradientRule:
     adaptive: str | None = None
     momentum: float = 0.0
     iterations: int = 0
-    highway: list[torch.fx.GraphModule | None] = field(default_factory=list)
+    highway: HighwayStep | None = None
 
 
 class DiagonalFeedback(torch.autograd.Function):
@@ -85,20 +84,28 @@ class DiagonalFeedback(torch.autograd.Function):
         first = -1 if loop.reverse else 0  # the step that consumed the initial carries
         # token ids, masks: inputs of the step that have no gradient
         x_slots, w_slots = ops.differentiable(step_inputs), ops.differentiable(invariants)
-        needs_previous = rule.mode == "highway" or rule.adaptive is not None
+        highway = rule.mode == "highway"
+        needs_previous = highway or rule.adaptive is not None
 
         def body_over_time(xs, ws, *prevs):
             xs, ws = ops.filled(step_inputs, x_slots, xs), ops.filled(invariants, w_slots, ws)
-            return tuple(batched_body(loop, xs, list(prevs) if prevs else previous, ws))
+            prevs = list(prevs) if prevs else previous
+            if highway:  # the highway diagonal K comes with the step, as an auxiliary output
+                return batched_highway_body(loop, rule.highway, xs, prevs, ws)
+            return tuple(batched_body(loop, xs, prevs, ws))
 
-        primals = (tuple(step_inputs[i] for i in x_slots), tuple(invariants[i] for i in w_slots))
-        _, vjp = torch.func.vjp(body_over_time, *primals, *(previous if needs_previous else ()))
+        primals = (tuple(step_inputs[i] for i in x_slots), tuple(invariants[i] for i in w_slots),
+                   *(previous if needs_previous else ()))
+        if highway:
+            _, vjp, decays = torch.func.vjp(body_over_time, *primals, has_aux=True)
+        else:
+            _, vjp = torch.func.vjp(body_over_time, *primals)
 
         def pullback(cotangent: Tensor):
             return vjp(tuple(cotangent.split(sizes, -1)))
 
-        if rule.mode == "highway":
-            delta = highway_deltas(loop, rule, g, step_inputs, previous, invariants, pullback)
+        if highway:
+            delta = highway_deltas(loop, rule, g, decays.to(g.dtype), pullback)
         else:
             if rule.adaptive is not None:
                 lam = adaptive_lam(rule, g, pullback)
@@ -131,13 +138,12 @@ def mean_jacobian_diagonal(like: Tensor, transposed_product) -> Tensor:
     return products.flatten(0, -2).mean(0)
 
 
-def highway_deltas(loop: LoopIR, rule: GradientRule, g: Tensor, step_inputs, previous, invariants, pullback) -> Tensor:
+def highway_deltas(loop: LoopIR, rule: GradientRule, g: Tensor, decays: Tensor, pullback) -> Tensor:
     """Highway-BP (DESIGN.md §7): ``w⁰ = scan_K(g)``, then ``rule.iterations`` times
     :func:`highway_refinement`; ``scan_K`` is the time-varying diagonal recurrence with
-    ``K``, each carry's highway coefficient at every step.  Each iteration is one VJP
-    against the states of the shared linearisation and one scan; after k of them the
-    last k+1 steps of δ are exact (the first k+1 of a reverse loop)."""
-    decays = highway_decays(loop, rule, step_inputs, previous, invariants).to(g.dtype)
+    ``K`` (``decays``: each carry's highway coefficient at every step).  Each iteration is
+    one VJP against the states of the shared linearisation and one scan; after k of them
+    the last k+1 steps of δ are exact (the first k+1 of a reverse loop)."""
     w = ops.reverse_linear_scan(g, to_receiver(decays, loop.reverse), not loop.reverse)
     for _ in range(rule.iterations):
         w = highway_refinement(g, w, decays, lambda w: torch.cat(pullback(w)[2:], -1), loop.reverse)
@@ -160,36 +166,25 @@ def to_receiver(per_step: Tensor, reverse: bool) -> Tensor:
     return torch.cat([zero, per_step[:-1]]) if reverse else torch.cat([per_step[1:], zero])
 
 
-def highway_decays(loop: LoopIR, rule: GradientRule, step_inputs, previous, invariants) -> Tensor:
-    """``K`` at every step, ``(T, B, state size)``: for each carry, the forward-mode
-    derivative of its new value along its highway path (zeros for a carry without one)."""
-    parts = []
-    for index, body in enumerate(rule.highway):
-        if body is None:
-            parts.append(torch.zeros_like(previous[index]))
-            continue
-        stepped = torch.func.vmap(
-            body, in_dims=(0,) * (len(step_inputs) + len(previous)) + (None,) * len(invariants))
+def batched_highway_body(loop: LoopIR, step: HighwayStep, step_inputs, previous, invariants):
+    """:func:`batched_body`, and ``K`` at every step ``(T, B, state size)`` beside it
+    (zeros on a carry without a highway path)."""
+    def one_step(*args):
+        outputs, coefficients = step.run(*args)
+        return tuple(outputs), torch.cat([torch.zeros_like(o) if k is None else k.expand_as(o)
+                                          for o, k in zip(outputs, coefficients)], -1)
 
-        def new_value(carry, index=index, stepped=stepped):
-            prevs = [carry if i == index else p for i, p in enumerate(previous)]
-            return stepped(*step_inputs, *prevs, *invariants)[index]
-
-        ones = torch.ones_like(previous[index])
-        parts.append(torch.func.jvp(new_value, (previous[index],), (ones,))[1])
-    return torch.cat(parts, -1)
+    in_dims = (0,) * (len(step_inputs) + len(previous)) + (None,) * len(invariants)
+    outputs, decays = torch.func.vmap(one_step, in_dims=in_dims)(*step_inputs, *previous, *invariants)
+    return outputs, decays.detach()
 
 
-def highway_rule(loop: LoopIR, iterations: int) -> GradientRule:
+def highway_rule(loop: LoopIR, iterations: int) -> GradientRule | None:
     """The Highway-BP rule of ``loop``; None if no carry has a highway path."""
-    bodies = [
-        highway_body(loop.body, loop.num_step_inputs, len(loop.carry_sizes), i)
-        if highway_path(loop.body, loop.num_step_inputs, len(loop.carry_sizes), i) else None
-        for i in range(len(loop.carry_sizes))
-    ]
-    if all(b is None for b in bodies):
+    step = HighwayStep(loop.body, loop.num_step_inputs, len(loop.carry_sizes))
+    if not any(step.paths):
         return None
-    return GradientRule("highway", iterations=iterations, highway=bodies)
+    return GradientRule("highway", iterations=iterations, highway=step)
 
 
 def previous_states(states: Tensor, init: Tensor, reverse: bool) -> Tensor:

@@ -139,3 +139,42 @@ def test_language_model_step_on_cuda_runs_in_every_mode():
             optimizer.step()
             losses.append(loss.item())
         assert losses[-1] < 0.8 * losses[0], (mode, losses)
+
+
+@pytest.mark.parametrize("backwards", [True, False])
+@pytest.mark.parametrize("dtype", list(TOLERANCE))
+@pytest.mark.parametrize("shape", [(1, 1, 1), (7, 3, 5), (300, 2, 33), (1024, 32, 512)])
+def test_triton_scan_with_a_decay_per_step_matches_the_loop(shape, dtype, backwards):
+    """Highway-BP's scan: the triton op, eagerly and inside an Inductor graph."""
+    g = torch.randn(shape, device="cuda").to(dtype)
+    decay = torch.rand(shape, device="cuda")
+    want = torch.ops.dsf.reverse_linear_scan(g.double().cpu(), decay.double().cpu(), backwards)
+    assert rel_err(reverse_linear_scan(g, decay, backwards).double().cpu(), want) <= TOLERANCE[dtype]
+    compiled = torch.compile(lambda g, d: reverse_linear_scan(g * 2, d, backwards) + 1, fullgraph=True)
+    assert rel_err(compiled(g, decay).double().cpu(), 2 * want + 1) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("kind,options", [("gru", {"mode": "highway", "iterations": 2}),
+                                          ("lstm", {"mode": "highway", "iterations": 0})])
+def test_highway_and_adaptive_on_cuda_match_the_cpu_path(kind, options):
+    module, x, h0, loss_fn = make_case(kind, 2, True, False, True, True, torch.float64, seed=4)
+    _, want_out, want = run_compiled(module, x, h0, loss_fn, compiler="aot_eager", **options)
+    to = lambda t: None if t is None else tuple(s.cuda() for s in t) if isinstance(t, tuple) else t.cuda()
+    cuda_loss = lambda *outs: loss_fn(*(o.cpu() for o in outs))
+    _, got_out, got = run_compiled(module.cuda(), to(x), to(h0), cuda_loss, compiler="inductor", **options)
+    for a, b in zip(got_out, want_out):
+        assert rel_err(a.cpu(), b) <= 1e-10
+    assert_close({k: v.cpu() for k, v in got.items()}, want, 1e-8)
+
+
+def test_adaptive_lam_on_cuda_is_exact_for_a_diagonal_linear_rnn():
+    from .test_gradient_modes import DiagonalLinearRNN
+
+    torch.manual_seed(0)
+    model = DiagonalLinearRNN(torch.rand(16)).cuda()
+    x, w_out = torch.randn(40, 8, 3, device="cuda"), torch.randn(40, 8, 16, device="cuda")
+    compiled = dsf_compile.apply(copy.deepcopy(model), "dsf", "adaptive")
+    (compiled(x) * w_out).sum().backward()
+    (model(x) * w_out).sum().backward()
+    for p, q in zip(compiled.parameters(), model.parameters()):
+        assert rel_err(p.grad, q.grad) <= 1e-5

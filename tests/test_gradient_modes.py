@@ -379,3 +379,32 @@ def test_report_and_explain_say_what_the_backward_does():
     assert report.loops[0].rewrite == "highway (k = 2)" and report.loops[0].feedback == "K on c (0 on h)"
     report = dsf_compile.explain(nn.GRU(3, 4), x, mode="dsf", feedback="adaptive", momentum=0.5)
     assert report.loops[0].feedback == "adaptive (momentum 0.5)"
+
+
+def _every_linear_op(x, h, w):
+    a = torch.sigmoid(x @ w)  # a gate: off the path, a coefficient on it
+    u = torch.add(h, x, alpha=2.0)
+    u = u.sub(a * 3)
+    u = torch.mul(a, u)
+    u = u / (1 + a)
+    u = -u
+    u = torch.addcmul(u, a, h, value=0.5)
+    u = torch.lerp(u, h, 0.25)
+    u = torch.where(x > 0, u, h.clone())
+    u = u.where(x < 1, torch.tanh(h))  # tanh(h): the carry, but through a nonlinearity
+    return (u.contiguous().to(h.dtype),)
+
+
+def test_highway_diagonal_rules_of_every_linear_op():
+    from dsf_compile.passes.find_highway import HighwayStep
+
+    torch.manual_seed(0)
+    x, h, w = torch.randn(3, 5, dtype=D), torch.randn(3, 5, dtype=D), torch.randn(5, 5, dtype=D)
+    step = HighwayStep(torch.fx.symbolic_trace(_every_linear_op), 1, 1)
+    (out,), (K,) = step.run(x, h, w)
+    assert torch.equal(out, _every_linear_op(x, h, w)[0])
+    a = torch.sigmoid(x @ w)
+    d = 0.75 * (-a / (1 + a) + 0.5 * a) + 0.25
+    d = torch.where(x > 0, d, torch.ones_like(d))
+    want = torch.where(x < 1, d, torch.zeros_like(d))
+    assert torch.allclose(K, want, rtol=1e-14, atol=1e-14)

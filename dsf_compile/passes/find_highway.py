@@ -51,6 +51,8 @@ def highway_path(body: torch.fx.GraphModule, num_step_inputs: int, num_carries: 
     for node in body.graph.nodes:
         if node.op not in ("call_function", "call_method") or node.target not in _LINEAR_IN:
             continue
+        if node.kwargs.get("rounding_mode") is not None:  # a floor or trunc division is not linear
+            continue
         allowed = _LINEAR_IN[node.target]
         # on the path if a path operand enters it linearly (not as a denominator or a mask)
         positions = [p for p, o in _operand_positions(node) if o in on_path]
@@ -69,31 +71,80 @@ def highway_path(body: torch.fx.GraphModule, num_step_inputs: int, num_carries: 
     return reaching
 
 
-def highway_carries(body: torch.fx.GraphModule, num_step_inputs: int, num_carries: int) -> list[bool]:
-    """For each carry, whether it has a diagonal path to its own new value."""
-    return [bool(highway_path(body, num_step_inputs, num_carries, i)) for i in range(num_carries)]
+def _derivative(target, args: tuple, kwargs: dict, d: tuple, dk: dict, out):
+    """The derivative along the path of ``target(*args, **kwargs)``, given the operands'
+    (``d``, ``dk``: None for an operand off the path, i.e. held constant)."""
+    def get(i, name):
+        return (args[i], d[i]) if i < len(args) else (kwargs.get(name), dk.get(name))
+
+    def scaled(c, factor):
+        return None if c is None else c * factor
+
+    def total(*terms):
+        terms = [t for t in terms if t is not None]
+        return sum(terms[1:], terms[0]) if terms else None
+
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    name = name.strip("_")
+    if name in ("add", "sub"):
+        (_, da), (_, db) = get(0, "input"), get(1, "other")
+        alpha = kwargs.get("alpha", 1)
+        return total(da, scaled(db, alpha if name == "add" else -alpha))
+    if name == "mul":
+        (a, da), (b, db) = get(0, "input"), get(1, "other")
+        return total(scaled(da, b), scaled(db, a))
+    if name in ("truediv", "div"):
+        (_, da), (b, _) = get(0, "input"), get(1, "other")
+        return scaled(da, 1 / b)
+    if name == "neg":
+        return scaled(get(0, "input")[1], -1)
+    if name == "where":
+        if isinstance(target, str):  # self.where(condition, other)
+            (_, dself), (cond, _), (_, dother) = get(0, "self"), get(1, "condition"), get(2, "other")
+        else:
+            (cond, _), (_, dself), (_, dother) = get(0, "condition"), get(1, "input"), get(2, "other")
+        zero = torch.zeros_like(out)
+        return torch.where(cond, zero if dself is None else dself, zero if dother is None else dother)
+    if name == "addcmul":
+        (_, dx), (t1, d1), (t2, d2) = get(0, "input"), get(1, "tensor1"), get(2, "tensor2")
+        return total(dx, scaled(total(scaled(d1, t2), scaled(d2, t1)), kwargs.get("value", 1)))
+    if name == "lerp":
+        (_, dstart), (_, dend), (weight, _) = get(0, "input"), get(1, "end"), get(2, "weight")
+        return total(scaled(dstart, 1 - weight), scaled(dend, weight))
+    # pos, clone, contiguous, to, float, double, type_as: the value passes unchanged
+    first = d[0] if d else None
+    return None if first is None else first.to(out.dtype)
 
 
-def highway_body(
-    body: torch.fx.GraphModule, num_step_inputs: int, num_carries: int, carry: int
-) -> torch.fx.GraphModule:
-    """``body`` with every value that feeds ``carry``'s path from outside it detached: its
-    forward-mode derivative in that carry is then ``K`` on the carry's own output."""
-    path = highway_path(body, num_step_inputs, num_carries, carry)
-    graph = torch.fx.Graph()
-    values: dict[torch.fx.Node, torch.fx.Node] = {}
-    detached: dict[torch.fx.Node, torch.fx.Node] = {}
+class HighwayStep(torch.fx.Interpreter):
+    """Runs a step body and, beside it, each carry's highway coefficient ``K`` (the
+    derivative of its new value in its old one along its path; ones at the carry, the
+    ops' rules on the way).  ``run(...)`` returns ``(new carries, K per carry)``, K None
+    for a carry without a path."""
 
-    def operand(node: torch.fx.Node, user: torch.fx.Node) -> torch.fx.Node:
-        if user not in path or node in path:
-            return values[node]
-        if node not in detached:
-            detached[node] = graph.call_method("detach", (values[node],))
-        return detached[node]
+    def __init__(self, body: torch.fx.GraphModule, num_step_inputs: int, num_carries: int) -> None:
+        super().__init__(body)
+        self.paths = [highway_path(body, num_step_inputs, num_carries, i) for i in range(num_carries)]
+        placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+        self.carries = placeholders[num_step_inputs : num_step_inputs + num_carries]
 
-    for node in body.graph.nodes:
-        if node.op == "output":
-            graph.output(torch.fx.node.map_arg(node.args[0], lambda n: values[n]))
-            continue
-        values[node] = graph.node_copy(node, lambda n, user=node: operand(n, user))
-    return torch.fx.GraphModule(body, graph)
+    def run(self, *args):
+        self.derivatives: list[dict[torch.fx.Node, torch.Tensor]] = [{} for _ in self.paths]
+        outputs = super().run(*args)
+        found = []
+        for i, (path, derivative) in enumerate(zip(self.paths, self.derivatives)):
+            new_value = next(n for n in self.graph.nodes if n.op == "output").args[0][i]
+            found.append(derivative.get(new_value) if path else None)
+        return outputs, found
+
+    def run_node(self, node: torch.fx.Node):
+        out = super().run_node(node)
+        for carry, path, derivative in zip(self.carries, self.paths, self.derivatives):
+            if node is carry and path:
+                derivative[node] = torch.ones_like(out)
+            elif node in path and node is not carry:
+                args, kwargs = self.fetch_args_kwargs_from_env(node)
+                d = tuple(derivative.get(a) if isinstance(a, torch.fx.Node) else None for a in node.args)
+                dk = {k: derivative.get(a) if isinstance(a, torch.fx.Node) else None for k, a in node.kwargs.items()}
+                derivative[node] = _derivative(node.target, args, kwargs, d, dk, out)
+        return out
