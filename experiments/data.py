@@ -65,6 +65,29 @@ def load_ptb(root: str | Path = DEFAULT_ROOT, max_len: int = 64) -> Corpus:
     return Corpus(vocab, encode(splits["train"]), encode(splits["valid"]), encode(splits["test"]))
 
 
+@dataclass
+class CharCorpus:
+    """PTB as one stream of characters per split (lines joined by newlines), as ids."""
+
+    vocab: list[str]
+    train: torch.Tensor
+    valid: torch.Tensor
+
+
+def load_ptb_chars(root: str | Path = DEFAULT_ROOT) -> CharCorpus:
+    folder = Path(root) / "ptb"
+    texts = {}
+    for name in ("train", "valid"):
+        path = folder / f"ptb.{name}.txt"
+        _read_lines(path)  # the same clear error when it is missing
+        texts[name] = path.read_text()
+    vocab = sorted(set(texts["train"]))
+    index = {c: i for i, c in enumerate(vocab)}
+    unknown = index.get("_", 0)
+    encode = lambda text: torch.tensor([index.get(c, unknown) for c in text], dtype=torch.int16)
+    return CharCorpus(vocab, encode(texts["train"]), encode(texts["valid"]))
+
+
 def sentence_batches(
     sentences: list[list[int]], batch_size: int, pad: int, shuffle: bool, seed: int = 0, multiple: int = 16
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

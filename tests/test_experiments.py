@@ -214,3 +214,18 @@ def test_benchmark_times_the_extra_backward_rewrites_when_named(tmp_path):
     assert set(rows) == {("nn.GRU", "dsf-dsf"), ("nn.GRU", "dsf-highway1"), ("nn.GRU", "dsf-adaptive"),
                          ("cell", "dsf-dsf")}
     assert all(r["step_ms"] > 0 and r["loops"] == 2 for r in rows.values())
+
+
+def test_quickstart_compares_methods_on_the_same_steps(data_root, tmp_path):
+    import quickstart
+
+    rows = quickstart.main(["--data-root", str(data_root), "--steps", "3", "--hidden", "8", "--layers", "1",
+                            "--context", "16", "--batch", "2", "--valid-batches", "1", "--compiler", "aot_eager",
+                            "--methods", "eager-bptt", "bptt", "highway-k1", "--out", str(tmp_path / "q.json")])
+    by = {r["method"]: r for r in rows}
+    assert by["eager-bptt"]["speed-up vs eager BPTT"] == 1.0
+    # the same model, batches and steps, so exact mode trains to the same perplexity as eager
+    assert by["bptt"]["valid ppl"] == pytest.approx(by["eager-bptt"]["valid ppl"], rel=1e-4)
+    assert by["bptt"]["grad cosine to BPTT"] == pytest.approx(1, abs=1e-6)
+    assert 0 < by["highway-k1"]["grad cosine to BPTT"] <= 1 + 1e-6 and by["highway-k1"]["loops rewritten"] == 1
+    assert json.loads((tmp_path / "q.json").read_text())["rows"] == rows
