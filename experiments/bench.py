@@ -318,7 +318,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warm-caches", action="store_true",
                         help="let Inductor reuse earlier compilations (first-step times are then not cold)")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in <out>.json")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default=None, help="output path without suffix (default: "
+                        "experiments/runs/bench-<device>; pass experiments/results/... to update a committed one)")
     args = parser.parse_args(argv)
     with torch.compiler.config.patch(force_disable_caches=not args.warm_caches):
         return run(args)
@@ -337,7 +338,7 @@ def run(args: argparse.Namespace) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     name = torch.cuda.get_device_name() if device == "cuda" else f"cpu-{platform.machine()}"
-    out = Path(args.out or ROOT / "results" / f"bench-{name.replace(' ', '-')}{'-small' if args.small else ''}")
+    out = Path(args.out or ROOT / "runs" / f"bench-{name.replace(' ', '-')}{'-small' if args.small else ''}")
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {"device": name, "torch": torch.__version__, "tf32": True, "rows": [], "scan": []}
     if args.resume and out.with_suffix(".json").is_file():

@@ -70,7 +70,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per run")
-    parser.add_argument("--out", default=str(ROOT / "results" / "compile-time-cpu"))
+    parser.add_argument("--out", default=str(ROOT / "runs" / "compile-time"),
+                        help="output path without suffix (experiments/results/compile-time-cpu for the committed one)")
     args = parser.parse_args()
     rows = []
     for method in args.methods:

@@ -28,15 +28,31 @@ METHODS = ("bptt", "ft", "dsf")
 
 
 def load_run(folder: Path) -> dict:
+    """A run's summary and log; raises ``ValueError`` saying why a folder holds no usable run."""
+    if not (folder / "summary.json").is_file():
+        why = "no summary.json (still running, or stopped before writing it: train.py --resume finishes it)"
+        raise ValueError(why if folder.is_dir() else "no such folder")
     summary = json.loads((folder / "summary.json").read_text())
-    log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines() if line.strip()]
+    log_path = folder / "log.jsonl"
+    log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] if log_path.is_file() else []
     return {**summary, "folder": str(folder), "log": log}
 
 
 def gap_closure(ppl: dict) -> float | None:
-    if not all(m in ppl for m in METHODS) or ppl["ft"] == ppl["bptt"]:
+    """(FT − DSF) / (FT − BPTT); None where it means nothing: a method missing, or FT not
+    behind BPTT (no gap to close)."""
+    if not all(m in ppl for m in METHODS) or ppl["ft"] <= ppl["bptt"]:
         return None
     return (ppl["ft"] - ppl["dsf"]) / (ppl["ft"] - ppl["bptt"])
+
+
+def describe_closure(ppl: dict) -> str:
+    closure = gap_closure(ppl)
+    if closure is not None:
+        return f"{100 * closure:.0f}%"
+    if all(m in ppl for m in METHODS):
+        return "none: FT not behind BPTT"
+    return "-"
 
 
 def plot(runs: list[dict], path: Path) -> None:
@@ -93,7 +109,16 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--name", required=True, help="base name of the outputs")
     parser.add_argument("--out", default=str(ROOT / "results"))
     args = parser.parse_args(argv)
-    runs = [load_run(Path(folder)) for folder in args.runs]
+    runs, unusable = [], []
+    for folder in args.runs:
+        try:
+            runs.append(load_run(Path(folder)))
+        except ValueError as error:
+            unusable.append(f"{folder}: {error}")
+    for line in unusable:
+        print(f"not used: {line}")
+    if not runs:
+        raise SystemExit("report.py: none of the --runs folders holds a finished run")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     keep = ("config", "method", "best_valid_ppl", "tokens", "epochs", "steps", "complete", "data", "width",
@@ -113,13 +138,12 @@ def main(argv: list[str] | None = None) -> str:
             notes[key].add(f"{run['method']} incomplete")
     rows = []
     for key, ppl in groups.items():
-        closure = gap_closure(ppl)
         paper = PAPER.get(key, {})
         paper_closure = gap_closure(paper) if paper else None
         rows.append([
             f"{key[0]} {key[1]}×{key[2]} {key[3]}",
             *(f"{ppl[m]:.2f}" if m in ppl else "-" for m in METHODS),
-            "-" if closure is None else f"{100 * closure:.0f}%",
+            describe_closure(ppl),
             " / ".join(f"{paper[m]:.2f}" for m in METHODS) if paper else "-",
             "-" if paper_closure is None else f"{100 * paper_closure:.0f}%",
             "; ".join(sorted(notes[key])),
@@ -132,6 +156,8 @@ def main(argv: list[str] | None = None) -> str:
     text = (f"# {args.name}: best validation perplexity\n\nGap closed = (FT − DSF) / (FT − BPTT). "
             f"Produced by `python experiments/report.py --runs {' '.join(args.runs)} --name {args.name}`.\n\n"
             f"{table}\n\n![curves]({args.name}-curves.png)\n")
+    if unusable:
+        text += "\nRuns not used:\n" + "".join(f"- {line}\n" for line in unusable)
     if plot_fidelity(runs, out / f"{args.name}-fidelity.png"):
         text += f"\n![gradient fidelity]({args.name}-fidelity.png)\n"
     (out / f"{args.name}.md").write_text(text)

@@ -75,7 +75,7 @@ def deviations(config: dict) -> dict:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", choices=CONFIGS, default="ptb")
+    parser.add_argument("--config", choices=CONFIGS, default=None, help="the protocol (default: ptb)")
     parser.add_argument("--out", required=True, help="run folder (log, checkpoint, summary)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     for key, value in {**CONFIGS["wiki"], **RUN_DEFAULTS}.items():
@@ -91,7 +91,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def resolve_config(args: argparse.Namespace) -> dict:
-    config = {"config": args.config, **CONFIGS[args.config], **RUN_DEFAULTS}
+    name = args.config or "ptb"
+    config = {"config": name, **CONFIGS[name], **RUN_DEFAULTS}
     config.update({k: v for k, v in vars(args).items() if k in config and v is not None})
     if config["device"] == "auto":
         config["device"] = "cuda" if torch.cuda.is_available() else "cpu"
@@ -208,20 +209,27 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"--resume: no checkpoint at {checkpoint_path}")
         checkpoint = torch.load(checkpoint_path, weights_only=False)
         config = checkpoint["config"]
-        # a resumed run may be given a later stopping point, nothing else
+        # a resumed run may be given a later stopping point, nothing else: a changed
+        # setting, logging included, would make it another run than the one it continues
+        changed = {key: value for key, value in vars(args).items()
+                   if key in config and key != "max_steps" and value is not None and value != config[key]}
+        if changed:
+            raise SystemExit("--resume continues a run as it was started; it cannot change "
+                             + ", ".join(f"--{k.replace('_', '-')} (the run has {config[k]!r})" for k in changed)
+                             + ". Start another run with --out for other settings.")
         if args.max_steps is not None:
             config["max_steps"] = args.max_steps
     else:
         if checkpoint_path.exists():
             raise SystemExit(f"{out} already holds a run: pass --resume to continue it, or another --out")
         config = resolve_config(args)
-    out.mkdir(parents=True, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(config["tf32"])
     device = config["device"]
 
     torch.manual_seed(config["seed"])
     random.seed(config["seed"])
-    data = Data(config)
+    data = Data(config)  # before the run folder exists: a missing data file leaves nothing behind
+    out.mkdir(parents=True, exist_ok=True)
     model = build_model(config, data.vocab_size).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     steps_per_epoch = len(data.train(0))
@@ -302,11 +310,19 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"epoch {state['epoch']}: valid ppl {valid:.2f} (best {state['best_valid_ppl']:.2f})", flush=True)
             record(kind="valid", epoch=state["epoch"], step=state["step"], tokens=state["tokens"], valid_ppl=valid)
         checkpoint_now()
+    valid_at_stop = None
+    if stopped:  # a run cut short still ends with a validation and a line saying so
+        valid_at_stop = evaluate(model, data, device)
+        print(f"stopped by --max-steps at step {state['step']} (epoch {state['epoch'] + 1}, batch {state['batch']}): "
+              f"valid ppl {valid_at_stop:.2f}; --resume continues it", flush=True)
+        record(kind="valid_at_stop", epoch=state["epoch"], step=state["step"], tokens=state["tokens"],
+               valid_ppl=valid_at_stop)
     log.close()
     summary = {
         "config": config["config"], "method": method_label(config),
         "best_valid_ppl": state["best_valid_ppl"] if math.isfinite(state["best_valid_ppl"]) else None,
         "tokens": state["tokens"], "epochs": state["epoch"], "steps": state["step"], "complete": not stopped,
+        "valid_ppl_at_stop": valid_at_stop,
         "data": data.source, "width": config["width"], "layers": config["layers"], "cell": config["cell"],
         "train_seconds": state["train_seconds"], "device": device,
         "deviations": deviations(config), "settings": config,

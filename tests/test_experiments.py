@@ -73,6 +73,17 @@ def test_refuses_to_overwrite_a_run(data_root, tmp_path):
 def test_missing_data_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="ptb.train.txt.*--data-root"):
         train.main([*TINY_PTB, "--data-root", str(tmp_path), "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()  # no empty run folder left behind
+
+
+def test_resume_refuses_changed_settings_and_a_stopped_run_ends_validated(data_root, tmp_path, capsys):
+    stopped = _run(data_root, tmp_path / "run", "--max-steps", "2")
+    assert not stopped["complete"] and stopped["valid_ppl_at_stop"] > 1
+    assert "stopped by --max-steps at step 2" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="cannot change --log-every"):
+        train.main(["--out", str(tmp_path / "run"), "--resume", "--log-every", "1"])
+    with pytest.raises(SystemExit, match="cannot change --config"):
+        train.main(["--out", str(tmp_path / "run"), "--resume", "--config", "wiki"])
 
 
 def test_tiny_wiki_protocol_and_report(data_root, tmp_path):
@@ -180,6 +191,10 @@ def test_highway_and_adaptive_runs_log_fidelity_and_the_report_plots_it(data_roo
     assert [json.loads((r / "summary.json").read_text())["method"] for r in runs] == ["highway-k1", "dsf-adaptive"]
     table = report.main(["--runs", *map(str, runs), "--name", "modes", "--out", str(tmp_path / "results")])
     assert "highway-k1" in table and "dsf-adaptive" in table and "modes-fidelity.png" in table
+    (tmp_path / "unfinished").mkdir()
+    table = report.main(["--runs", *map(str, runs), str(tmp_path / "unfinished"), "--name", "modes",
+                         "--out", str(tmp_path / "results")])
+    assert "unfinished: no summary.json" in table
     assert (tmp_path / "results" / "modes-fidelity.png").stat().st_size > 1000
 
 
@@ -208,12 +223,11 @@ def test_benchmark_times_the_extra_backward_rewrites_when_named(tmp_path):
     import bench
 
     result = bench.main(["--small", "--configs", "cpu", "--steps", "1", "--rounds", "1", "--warmup", "0",
-                         "--no-scan", "--methods", "dsf-dsf", "dsf-highway1", "dsf-adaptive",
-                         "--out", str(tmp_path / "bench")])
-    rows = {(r["model"], r["method"]): r for r in result["rows"]}
-    assert set(rows) == {("nn.GRU", "dsf-dsf"), ("nn.GRU", "dsf-highway1"), ("nn.GRU", "dsf-adaptive"),
-                         ("cell", "dsf-dsf")}
-    assert all(r["step_ms"] > 0 and r["loops"] == 2 for r in rows.values())
+                         "--no-scan", "--methods", "dsf-highway1", "--out", str(tmp_path / "bench")])
+    (row,) = result["rows"]  # named, so timed; only for nn.GRU
+    assert (row["model"], row["method"]) == ("nn.GRU", "dsf-highway1")
+    assert row["step_ms"] > 0 and row["loops"] == 2
+    assert bench.APPLY_OPTIONS["dsf-highway1"] == {"mode": "highway", "iterations": 1}
 
 
 def test_quickstart_compares_methods_on_the_same_steps(data_root, tmp_path):
@@ -229,3 +243,61 @@ def test_quickstart_compares_methods_on_the_same_steps(data_root, tmp_path):
     assert by["bptt"]["grad cosine to BPTT"] == pytest.approx(1, abs=1e-6)
     assert 0 < by["highway-k1"]["grad cosine to BPTT"] <= 1 + 1e-6 and by["highway-k1"]["loops rewritten"] == 1
     assert json.loads((tmp_path / "q.json").read_text())["rows"] == rows
+
+
+def test_gap_closure_is_not_a_number_when_ft_is_not_behind_bptt():
+    assert report.gap_closure({"bptt": 100.0, "ft": 120.0, "dsf": 105.0}) == pytest.approx(0.75)
+    assert report.gap_closure({"bptt": 100.0, "ft": 95.0, "dsf": 105.0}) is None
+    assert report.describe_closure({"bptt": 100.0, "ft": 95.0, "dsf": 105.0}) == "none: FT not behind BPTT"
+
+
+def test_sweep_runs_its_grid_resumes_and_reports(data_root, tmp_path):
+    import sweep
+
+    spec = {"name": "tiny", "base": {"config": "ptb", "width": 8, "batch": 8, "epochs": 1, "compiler": "aot_eager",
+                                     "log_every": 5, "checkpoint_every": 0, "data_root": str(data_root)},
+            "grid": {"method": ["bptt", "highway-k1"], "layers": [1, 2]}}
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(spec))
+    runs = tmp_path / "runs"
+    # one run interrupted (killed after its checkpoint: no summary), to be resumed by the sweep
+    interrupted = runs / "tiny" / "bptt-layers2"
+    train.main([*sweep.flags_of({**spec["base"], "method": "bptt", "layers": 2}), "--out", str(interrupted),
+                "--max-steps", "2"])
+    (interrupted / "summary.json").unlink()
+    assert sweep.status(interrupted, 0) == "resume"
+    finished = sweep.main([str(path), "--runs", str(runs)])
+    assert sorted(f.name for f in finished) == ["bptt-layers1", "bptt-layers2", "highway-k1-layers1",
+                                               "highway-k1-layers2"]
+    summaries = {f.name: json.loads((f / "summary.json").read_text()) for f in finished}
+    assert all(s["complete"] for s in summaries.values())
+    assert summaries["highway-k1-layers2"]["method"] == "highway-k1" and summaries["bptt-layers2"]["layers"] == 2
+    assert summaries["bptt-layers2"]["tokens"] == summaries["bptt-layers1"]["tokens"]  # the same budget
+    table = (runs / "tiny" / "tiny.md").read_text()
+    assert "highway-k1" in table and "ptb 2×8 gru" in table
+    before = (runs / "tiny" / "bptt-layers1" / "summary.json").stat().st_mtime_ns
+    sweep.main([str(path), "--runs", str(runs)])  # everything done: nothing trains again
+    assert (runs / "tiny" / "bptt-layers1" / "summary.json").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("spec,message", [
+    ({"name": "x", "grid": {"method": ["dsff"]}}, "method 'dsff'"),
+    ({"name": "x", "grid": {"depth": [1]}}, "grid.depth is not a train.py setting"),
+    ({"name": "x", "base": {"max_steps": 5}, "grid": {"max_steps": [1]}}, "set it in 'base'"),
+    ({"grid": {}}, "'name', 'grid'"),
+])
+def test_a_bad_sweep_file_is_refused_before_anything_runs(tmp_path, spec, message):
+    import sweep
+
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(spec))
+    with pytest.raises(SystemExit, match=message):
+        sweep.main([str(path), "--runs", str(tmp_path / "runs")])
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_committed_sweeps_are_valid():
+    import sweep
+
+    for path in sorted((Path(__file__).resolve().parent.parent / "experiments" / "sweeps").glob("*.json")):
+        assert sweep.runs_of(sweep.load_sweep(path)), path
