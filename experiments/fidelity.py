@@ -29,6 +29,7 @@ from tabulate import tabulate
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from data import DEFAULT_ROOT, context_batches, load_ptb, run_script  # noqa: E402
+from plots import colour  # noqa: E402
 
 import dsf_compile  # noqa: E402
 from dsf_compile.fidelity import compare_gradients  # noqa: E402
@@ -177,7 +178,8 @@ def plot(result: dict, path: Path) -> None:
     steps = [r["step"] for r in result["records"]]
     fig, ax = plt.subplots(figsize=(7, 4))
     for name in names:
-        ax.plot(steps, [r["methods"][name]["recurrent_cosine"] for r in result["records"]], marker="o", label=name)
+        ax.plot(steps, [r["methods"][name]["recurrent_cosine"] for r in result["records"]], marker="o", label=name,
+                color=colour(name))
     s = result["settings"]
     ax.set(xlabel="BPTT training step", ylabel="cosine to BPTT (weight_hh gradient)", ylim=(-0.05, 1.02),
            title=f"Gradient fidelity, GRU LM {s['layers']}×{s['width']}, PTB words, T={s['context']}")

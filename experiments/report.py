@@ -16,10 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 from tabulate import tabulate
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from plots import colour, smoothed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 # DESIGN.md §4: WikiText-103, 3×512 GRU, transformer-like blocks, context 256, 5 epochs.
@@ -56,26 +61,42 @@ def describe_closure(ppl: dict) -> str:
 
 
 def plot(runs: list[dict], path: Path) -> None:
+    """Training perplexity (smoothed) over tokens and validation perplexity per epoch, a
+    fixed colour per method, a line style per model, the paper's numbers as dashed lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (train_ax, valid_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    models = sorted({model_of(run) for run in runs})
+    styles = dict(zip(models, ["-", "--", ":", "-."] * len(models)))
     for run in runs:
-        label = f"{run['config']} {run['method']}"
+        label = f"{run['method']}" + (f" ({model_of(run)})" if len(models) > 1 else "")
+        style = dict(color=colour(run["method"]), linestyle=styles[model_of(run)])
         train = [e for e in run["log"] if e["kind"] == "train"]
         valid = [e for e in run["log"] if e["kind"] == "valid"]
-        train_ax.plot([e["tokens"] for e in train], [e["ppl"] for e in train], label=label)
-        valid_ax.plot([e["epoch"] for e in valid], [e["valid_ppl"] for e in valid], marker="o", label=label)
-    train_ax.set(xlabel="training tokens", ylabel="train perplexity", yscale="log", title="training")
+        if train:
+            train_ax.plot([e["tokens"] for e in train], smoothed([e["ppl"] for e in train]), label=label, **style)
+        valid_ax.plot([e["epoch"] for e in valid], [e["valid_ppl"] for e in valid], marker="o", label=label, **style)
+    for key in {(r["config"], r["layers"], r["width"], r["cell"]) for r in runs}:
+        for method, value in PAPER.get(key, {}).items():
+            valid_ax.axhline(value, color=colour(method), linestyle=(0, (4, 4)), linewidth=0.8,
+                             label=f"paper {method} {value}")
+    train_ax.set(xlabel="training tokens", ylabel="train perplexity (smoothed)", yscale="log", title="training")
     valid_ax.set(xlabel="epoch", ylabel="validation perplexity", yscale="log", title="validation")
     for ax in (train_ax, valid_ax):
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
+    fig.suptitle(", ".join(models))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def model_of(run: dict) -> str:
+    """The model and data a run trained, as a figure names them."""
+    return f"{run['layers']}×{run['width']} {run['cell'].upper()} on {run['data']} ({run['config']} protocol)"
 
 
 def plot_fidelity(runs: list[dict], path: Path) -> bool:
@@ -92,7 +113,7 @@ def plot_fidelity(runs: list[dict], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(7, 4))
     for run, entries in logged:
         ax.plot([e["tokens"] for e in entries], [e["cosine"] for e in entries], marker=".",
-                label=f"{run['config']} {run['method']}")
+                color=colour(run["method"]), label=f"{run['method']} ({model_of(run)})")
     ax.set(xlabel="training tokens", ylabel="cosine to exact BPTT (all parameters)", ylim=(-0.05, 1.02),
            title="Gradient fidelity over training")
     ax.grid(alpha=0.3)

@@ -301,3 +301,12 @@ def test_the_committed_sweeps_are_valid():
 
     for path in sorted((Path(__file__).resolve().parent.parent / "experiments" / "sweeps").glob("*.json")):
         assert sweep.runs_of(sweep.load_sweep(path)), path
+
+
+def test_every_figure_gives_a_method_the_same_colour_and_smooths_without_bias():
+    import plots
+
+    assert plots.colour("dsf") == plots.colour("dsf-linspace") != plots.colour("ft")
+    assert plots.colour("highway-k7") == plots.colour("highway-k7")  # a spare, but always the same
+    assert plots.smoothed([5.0] * 4) == pytest.approx([5.0] * 4)  # debiased: no ramp up from zero
+    assert plots.smoothed([0.0, 10.0], 0.5)[1] == pytest.approx(10 * 0.5 / 0.75)
