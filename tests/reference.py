@@ -140,14 +140,9 @@ def dsf_reference(module: nn.RNNBase, x, h0, lams, loss_fn, dropout_masks=None):
     return outputs, grads
 
 
-def dsf_reference_loop(step, xs, init, lam, loss_of_states, params):
-    """DSF gradients of ``loss_of_states(states)`` for a loop ``s_t = step(x_t, s_{t-1})``.
-
-    ``xs``: per-step inputs in iteration order (each a tuple of tensors); ``init``: the
-    initial carries (tuple); ``states[t]`` is the tuple of carries after step t; λ is over
-    the carries concatenated in order.  Returns grads for ``params``, each x (its floating
-    tensors: token ids and masks have none), and init.
-    """
+def _run_loop(step, xs, init, loss_of_states, params):
+    """The loop's states, the state each step consumed, the direct gradients ``g_t`` over
+    the concatenated carries, and the gradients of parameters the loss uses directly."""
     states, prev = [], []
     s = tuple(c.detach() for c in init)
     with torch.no_grad():
@@ -163,16 +158,16 @@ def dsf_reference_loop(step, xs, init, lam, loss_of_states, params):
     # parameters the loss uses directly (a head after the loop)
     grads = [torch.zeros_like(p) if d is None else d.clone() for p, d in zip(params, found[len(flat) :])]
     n = len(init)
-    sizes = [c.shape[-1] for c in init]
     direct = [torch.cat(g[t * n : (t + 1) * n], -1) for t in range(len(xs))]
-    delta = [None] * len(xs)
-    nxt = None
-    for t in reversed(range(len(xs))):
-        delta[t] = direct[t] if nxt is None else direct[t] + lam * nxt
-        nxt = delta[t]
+    return states, prev, direct, grads
+
+
+def _local_vjps(step, xs, prev, delta, params, grads):
+    """Each step's VJP with δ_t, its carried input held constant: adds the parameter
+    gradients to ``grads``, returns each x's (its floating tensors: not token ids, masks)."""
     x_grads = []
     for t, x in enumerate(xs):
-        x_leaf = tuple(v.clone().requires_grad_(v.is_floating_point()) for v in x)  # not token ids, masks
+        x_leaf = tuple(v.clone().requires_grad_(v.is_floating_point()) for v in x)
         wrt = [v for v in x_leaf if v.requires_grad]
         with torch.enable_grad():
             new = torch.cat(step(*x_leaf, *prev[t]), -1)
@@ -181,6 +176,25 @@ def dsf_reference_loop(step, xs, init, lam, loss_of_states, params):
         for i, d in enumerate(found[len(wrt) :]):
             if d is not None:
                 grads[i] += d
+    return x_grads
+
+
+def dsf_reference_loop(step, xs, init, lam, loss_of_states, params):
+    """DSF gradients of ``loss_of_states(states)`` for a loop ``s_t = step(x_t, s_{t-1})``.
+
+    ``xs``: per-step inputs in iteration order (each a tuple of tensors); ``init``: the
+    initial carries (tuple); ``states[t]`` is the tuple of carries after step t; λ is over
+    the carries concatenated in order.  Returns grads for ``params``, each x (its floating
+    tensors: token ids and masks have none), and init.
+    """
+    states, prev, direct, grads = _run_loop(step, xs, init, loss_of_states, params)
+    sizes = [c.shape[-1] for c in init]
+    delta = [None] * len(xs)
+    nxt = None
+    for t in reversed(range(len(xs))):
+        delta[t] = direct[t] if nxt is None else direct[t] + lam * nxt
+        nxt = delta[t]
+    x_grads = _local_vjps(step, xs, prev, delta, params, grads)
     init_grad = (lam * delta[0]).split(sizes, -1)
     return states, grads, x_grads, init_grad
 
@@ -194,22 +208,9 @@ def highway_reference_loop(step, decay_of, xs, init, iterations, loss_of_states,
     ``J_tᵀ w`` is per-step autograd.  Returns what :func:`dsf_reference_loop` returns;
     the initial carries get ``J_1ᵀ δ_1``.
     """
-    T, n = len(xs), len(init)
+    T = len(xs)
     sizes = [c.shape[-1] for c in init]
-    states, prev = [], []
-    s = tuple(c.detach() for c in init)
-    with torch.no_grad():
-        for x in xs:
-            prev.append(s)
-            s = tuple(step(*x, *s))
-            states.append(s)
-    leaves = [tuple(c.clone().requires_grad_() for c in st) for st in states]
-    loss = loss_of_states(leaves)
-    flat = [c for st in leaves for c in st]
-    found = torch.autograd.grad(loss, flat + list(params), allow_unused=True)
-    g = [torch.zeros_like(c) if d is None else d for c, d in zip(flat, found)]
-    grads = [torch.zeros_like(p) if d is None else d.clone() for p, d in zip(params, found[len(flat) :])]
-    direct = [torch.cat(g[t * n : (t + 1) * n], -1) for t in range(T)]
+    states, prev, direct, grads = _run_loop(step, xs, init, loss_of_states, params)
     with torch.no_grad():
         K = [torch.cat([torch.as_tensor(k) for k in decay_of(*xs[t], *prev[t])], -1) for t in range(T)]
 
@@ -230,16 +231,6 @@ def highway_reference_loop(step, decay_of, xs, init, iterations, loss_of_states,
         v = [transposed(t + 1, w[t + 1]) - K[t + 1] * w[t + 1] if t < T - 1 else torch.zeros_like(w[t])
              for t in range(T)]
         w = scan([direct[t] + v[t] for t in range(T)])
-    x_grads = []
-    for t, x in enumerate(xs):
-        x_leaf = tuple(v.clone().requires_grad_(v.is_floating_point()) for v in x)
-        wrt = [v for v in x_leaf if v.requires_grad]
-        with torch.enable_grad():
-            new = torch.cat(step(*x_leaf, *prev[t]), -1)
-            found = torch.autograd.grad(new, [*wrt, *params], w[t], allow_unused=True)
-        x_grads.append(found[: len(wrt)])
-        for i, d in enumerate(found[len(wrt) :]):
-            if d is not None:
-                grads[i] += d
+    x_grads = _local_vjps(step, xs, prev, w, params, grads)
     init_grad = transposed(0, w[0]).split(sizes, -1)
     return states, grads, x_grads, init_grad
