@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -260,8 +261,10 @@ def main(argv: list[str] | None = None) -> dict:
     total_steps = steps_per_epoch * config["epochs"]
     print(f"{config['config']} / {method_label(config)}: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{steps_per_epoch} steps per epoch, {config['epochs']} epochs, data {data.source}, device {device}")
-    window_loss, window_tokens, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
+    window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
     stopped = False
+    last_step = min(total_steps, config["max_steps"]) if config["max_steps"] else total_steps
+    bar = None  # made after this process's first step, so that its ETA leaves compilation out
     while state["epoch"] < config["epochs"] and not stopped:
         batches = data.train(state["epoch"])
         for x, y in batches[state["batch"] :]:
@@ -289,17 +292,20 @@ def main(argv: list[str] | None = None) -> dict:
             state["train_seconds"] += time.perf_counter() - started
             window_loss += value * tokens
             window_tokens += tokens
-            window_steps += 1
+            if bar is None:
+                bar = tqdm(total=last_step, initial=state["step"], unit="step", dynamic_ncols=True, disable=None,
+                           desc=method_label(config))
+            else:
+                bar.update()
             if state["step"] % config["log_every"] == 0 or state["step"] == 1:
                 elapsed = time.perf_counter() - window_start
                 mean = window_loss / window_tokens
                 rate = window_tokens / elapsed
-                eta = (total_steps - state["step"]) * elapsed / window_steps
-                print(f"epoch {state['epoch'] + 1} step {state['step']}/{total_steps}  loss {mean:.3f}  "
-                      f"ppl {math.exp(mean):.1f}  {rate:,.0f} tok/s  ETA {eta / 60:.0f} min", flush=True)
+                tqdm.write(f"epoch {state['epoch'] + 1} step {state['step']}/{total_steps}  loss {mean:.3f}  "
+                           f"ppl {math.exp(mean):.1f}  {rate:,.0f} tok/s")
                 record(kind="train", step=state["step"], epoch=state["epoch"], tokens=state["tokens"], loss=mean,
                        ppl=math.exp(mean), tokens_per_s=rate, lr=scheduler.get_last_lr()[0])
-                window_loss, window_tokens, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
+                window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
             if config["checkpoint_every"] and state["step"] % config["checkpoint_every"] == 0:
                 checkpoint_now()
         else:
@@ -307,9 +313,11 @@ def main(argv: list[str] | None = None) -> dict:
             state["best_valid_ppl"] = min(state["best_valid_ppl"], valid)
             state["epoch"] += 1
             state["batch"] = 0
-            print(f"epoch {state['epoch']}: valid ppl {valid:.2f} (best {state['best_valid_ppl']:.2f})", flush=True)
+            tqdm.write(f"epoch {state['epoch']}: valid ppl {valid:.2f} (best {state['best_valid_ppl']:.2f})")
             record(kind="valid", epoch=state["epoch"], step=state["step"], tokens=state["tokens"], valid_ppl=valid)
         checkpoint_now()
+    if bar is not None:
+        bar.close()
     valid_at_stop = None
     if stopped:  # a run cut short still ends with a validation and a line saying so
         valid_at_stop = evaluate(model, data, device)
