@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.fx
 from torch import Tensor
 
 from . import ops
@@ -104,14 +103,17 @@ class DiagonalFeedback(torch.autograd.Function):
         def pullback(cotangent: Tensor):
             return vjp(tuple(cotangent.split(sizes, -1)))
 
+        def transposed(w: Tensor) -> Tensor:  # J_tᵀ w_t at every step, in the state it consumed
+            return torch.cat(pullback(w)[2:], -1)
+
         if highway:
-            delta = highway_deltas(loop, rule, g, decays.to(g.dtype), pullback)
+            delta = highway_deltas(loop, rule, g, decays.to(g.dtype), transposed)
         else:
             if rule.adaptive is not None:
-                lam = adaptive_lam(rule, g, pullback)
+                lam = adaptive_lam(rule, g, transposed)
             delta = ops.reverse_linear_scan(g, lam, not loop.reverse)
         x_grads, w_grads, *previous_grads = pullback(delta)
-        if rule.mode == "highway":
+        if highway:
             init_grads = tuple(p[first] for p in previous_grads)
         else:
             init_grads = (lam.to(delta.dtype) * delta[first]).split(sizes, -1)
@@ -120,10 +122,10 @@ class DiagonalFeedback(torch.autograd.Function):
         return (None, None, None, None, *([None] * n_states), *step_grads, *init_grads, *invariant_grads)
 
 
-def adaptive_lam(rule: GradientRule, g: Tensor, pullback) -> Tensor:
+def adaptive_lam(rule: GradientRule, g: Tensor, transposed_product) -> Tensor:
     """λ = clip(mean over steps and rows of diag J_t, 0, 1) by :func:`mean_jacobian_diagonal`,
     smoothed across backward passes by ``rule.momentum``."""
-    estimate = mean_jacobian_diagonal(g, lambda probe: torch.cat(pullback(probe)[2:], -1))
+    estimate = mean_jacobian_diagonal(g, transposed_product)
     return smoothed_feedback(estimate.clamp(0, 1), rule.adaptive, rule.momentum)
 
 
@@ -138,7 +140,7 @@ def mean_jacobian_diagonal(like: Tensor, transposed_product) -> Tensor:
     return products.flatten(0, -2).mean(0)
 
 
-def highway_deltas(loop: LoopIR, rule: GradientRule, g: Tensor, decays: Tensor, pullback) -> Tensor:
+def highway_deltas(loop: LoopIR, rule: GradientRule, g: Tensor, decays: Tensor, transposed_product) -> Tensor:
     """Highway-BP (DESIGN.md §7): ``w⁰ = scan_K(g)``, then ``rule.iterations`` times
     :func:`highway_refinement`; ``scan_K`` is the time-varying diagonal recurrence with
     ``K`` (``decays``: each carry's highway coefficient at every step).  Each iteration is
@@ -146,7 +148,7 @@ def highway_deltas(loop: LoopIR, rule: GradientRule, g: Tensor, decays: Tensor, 
     the last k+1 steps of δ are exact (the first k+1 of a reverse loop)."""
     w = ops.reverse_linear_scan(g, to_receiver(decays, loop.reverse), not loop.reverse)
     for _ in range(rule.iterations):
-        w = highway_refinement(g, w, decays, lambda w: torch.cat(pullback(w)[2:], -1), loop.reverse)
+        w = highway_refinement(g, w, decays, transposed_product, loop.reverse)
     return w
 
 

@@ -8,7 +8,9 @@ from the cell's name: the path is the chain of elementwise ops, each linear in t
 operand that comes from the carry, leading from the carry's placeholder to its own new
 value.  Every other value (the gates, ``n``, whatever reads the state through a matmul
 or a nonlinearity) is held constant: ``K`` is the derivative of the carry's new value
-along that chain alone, taken by one forward-mode product with a tangent of ones.
+along that chain alone.  :class:`HighwayStep` runs the step and carries that derivative
+along the path op by op (each op's rule in ``_derivative``), so ``K`` costs a few
+elementwise ops beside the step it comes with, not another evaluation of the step.
 
 A path from one carry into another (an LSTM's ``c`` into ``h``) is not on the diagonal of
 the concatenated state and does not count.  A carry with no path has ``K = 0``.
@@ -131,11 +133,9 @@ class HighwayStep(torch.fx.Interpreter):
     def run(self, *args):
         self.derivatives: list[dict[torch.fx.Node, torch.Tensor]] = [{} for _ in self.paths]
         outputs = super().run(*args)
-        found = []
-        for i, (path, derivative) in enumerate(zip(self.paths, self.derivatives)):
-            new_value = next(n for n in self.graph.nodes if n.op == "output").args[0][i]
-            found.append(derivative.get(new_value) if path else None)
-        return outputs, found
+        new_values = next(n for n in self.graph.nodes if n.op == "output").args[0]
+        return outputs, [derivative.get(new) if path else None
+                         for new, path, derivative in zip(new_values, self.paths, self.derivatives)]
 
     def run_node(self, node: torch.fx.Node):
         out = super().run_node(node)
