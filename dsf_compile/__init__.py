@@ -306,9 +306,10 @@ def gradient_fidelity(model: nn.Module, closure: Callable[[], Tensor]) -> Fideli
     dsf_backend = getattr(model, "_dsf_backend", None)
     if dsf_backend is None:
         raise ValueError("gradient_fidelity needs a model compiled with dsf_compile.apply")
-    names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad]) or ((), ())
-    if not params:
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
         raise ValueError("gradient_fidelity: the model has no trainable parameter")
+    names, params = zip(*trainable)
     applied = {name: f for name, f in vars(model).items() if isinstance(f, _CompiledForward)}
     exact = model.__dict__.setdefault("_dsf_exact_methods", {})
     for name, method in applied.items():

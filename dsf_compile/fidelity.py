@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from tabulate import tabulate
@@ -30,9 +30,6 @@ class Fidelity:
     relative_error: float
     parameters: list[ParameterFidelity]
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
     def __str__(self) -> str:
         rows = [[p.name, f"{p.cosine:.4f}", f"{p.relative_error:.4f}"] for p in self.parameters]
         rows.append(["(all)", f"{self.cosine:.4f}", f"{self.relative_error:.4f}"])
@@ -40,7 +37,9 @@ class Fidelity:
             rows, headers=["parameter", "cosine", "relative error"])
 
 
-def _cosine_and_error(got: Tensor, exact: Tensor) -> tuple[float, float]:
+def cosine_and_error(got: Tensor, exact: Tensor) -> tuple[float, float]:
+    """Cosine and relative error of ``got`` against ``exact``, both flattened (zero cases
+    as :class:`Fidelity` says)."""
     got, exact = got.double().flatten(), exact.double().flatten()
     exact_norm, got_norm = exact.norm(), got.norm()
     if exact_norm == 0:
@@ -59,10 +58,10 @@ def compare_gradients(mode: str, names: list[str], got: list[Tensor | None], exa
             continue
         g = torch.zeros_like(e) if g is None else g
         e = torch.zeros_like(g) if e is None else e
-        rows.append(ParameterFidelity(name, *_cosine_and_error(g, e)))
+        rows.append(ParameterFidelity(name, *cosine_and_error(g, e)))
         flat_got.append(g.detach().double().flatten().cpu())
         flat_exact.append(e.detach().double().flatten().cpu())
     if not rows:
         raise ValueError("gradient_fidelity: the loss the closure returns depends on no trainable parameter")
-    cosine, error = _cosine_and_error(torch.cat(flat_got), torch.cat(flat_exact))
+    cosine, error = cosine_and_error(torch.cat(flat_got), torch.cat(flat_exact))
     return Fidelity(mode, cosine, error, rows)

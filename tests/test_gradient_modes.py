@@ -16,8 +16,8 @@ import dsf_compile
 from dsf_compile.ops import reverse_linear_scan
 from dsf_compile.runtime import highway_refinement, mean_jacobian_diagonal
 
-from .helpers import assert_close, make_case, rel_err, run_compiled, run_eager
-from .reference import highway_reference_loop
+from .helpers import GRUCellLoop, assert_close, make_case, rel_err, run_compiled, run_eager
+from .reference import dsf_reference_loop, highway_reference_loop
 from .test_ops import literal
 
 D = torch.float64
@@ -354,6 +354,9 @@ def test_gradient_fidelity_needs_an_applied_model_and_a_loss():
     x = torch.randn(4, 2, 3, dtype=D)
     with pytest.raises(TypeError, match="one-element tensor"):
         dsf_compile.gradient_fidelity(model, lambda: model(x))
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameter"):
+        dsf_compile.gradient_fidelity(model, lambda: model(x).sum())
 
 
 @pytest.mark.parametrize("options,message", [
@@ -412,3 +415,22 @@ def test_highway_diagonal_rules_of_every_linear_op():
     d = torch.where(x > 0, d, torch.ones_like(d))
     want = torch.where(x < 1, d, torch.zeros_like(d))
     assert torch.allclose(K, want, rtol=1e-14, atol=1e-14)
+
+
+def test_adaptive_gradients_are_the_literal_dsf_reference_at_the_estimated_lam():
+    """On a GRU cell loop (a dense Jacobian) the estimate is a random λ; whatever it is, the
+    gradients must be DSF's at that λ, as the literal reference computes them."""
+    torch.manual_seed(3)
+    model = GRUCellLoop(3, 4).double()
+    x, w_out = torch.randn(7, 2, 3, dtype=D), torch.randn(7, 2, 4, dtype=D)
+    compiled = dsf_compile.apply(copy.deepcopy(model), "dsf", "adaptive", compiler="aot_eager")
+    out = compiled(x)
+    assert rel_err(out.detach(), model(x).detach()) <= 1e-12
+    (out * w_out).sum().backward()
+    (lam,) = compiled._dsf_backend.adaptive_estimates.values()
+    assert 0 < lam.min() and lam.max() < 1 and lam.shape == (4,)
+    loss = lambda states: sum((s[0] * w_out[t]).sum() for t, s in enumerate(states))
+    _, want, _, _ = dsf_reference_loop(lambda xt, h: (model.cell(xt, h),), [(x[t],) for t in range(7)],
+                                       (torch.zeros(2, 4, dtype=D),), lam, loss, list(model.parameters()))
+    for (name, p), w in zip(compiled.named_parameters(), want):
+        assert rel_err(p.grad, w) <= 1e-10, name
