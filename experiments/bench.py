@@ -51,6 +51,8 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from methods import apply_options  # noqa: E402
+
 import dsf_compile  # noqa: E402
 from dsf_compile import kernels, triton_scan  # noqa: E402
 from dsf_compile.models import RNNLanguageModel, TransformerLikeRNN  # noqa: E402
@@ -74,11 +76,9 @@ SWEEP_TOKENS = 32 * 1024
 GRU_METHODS = ("cudnn-bptt", "compile-bptt", "dsf-bptt", "dsf-ft", "dsf-dsf")
 # the backward rewrites beyond fixed λ (DESIGN.md §7), timed when named in --methods
 EXTRA_GRU_METHODS = ("dsf-adaptive", "dsf-highway1", "dsf-highway2")
-APPLY_OPTIONS = {
-    "dsf-adaptive": dict(mode="dsf", feedback="adaptive"),
-    "dsf-highway1": dict(mode="highway", iterations=1),
-    "dsf-highway2": dict(mode="highway", iterations=2),
-}
+# each named by the method label (methods.py) it times
+APPLY_OPTIONS = {row: apply_options(label) for row, label in
+                 zip(EXTRA_GRU_METHODS, ("dsf-adaptive", "highway-k1", "highway-k2"))}
 CELL_METHODS = ("eager-bptt", "compile-bptt", "dsf-dsf")
 FAMILIES = {"nn.GRU": ("gru", GRU_METHODS), "cell": ("gru-loop", CELL_METHODS)}
 

@@ -240,6 +240,14 @@ def main(argv: list[str] | None = None) -> None:
           + f"; cached in {args.cache}")
 
 
+def positive_int(text: str) -> int:
+    """An argparse ``type`` for counts and sizes: an int of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def run_script(main: Callable[[], object]) -> None:
     """A script's entry point: a missing data file ends it with the message that says what
     is missing and which flag to pass, not with a traceback."""

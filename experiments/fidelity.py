@@ -28,53 +28,40 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from data import DEFAULT_ROOT, context_batches, load_ptb, run_script  # noqa: E402
+from data import DEFAULT_ROOT, context_batches, load_ptb, positive_int, run_script  # noqa: E402
+from methods import apply_options  # noqa: E402
 from plots import colour  # noqa: E402
 
 import dsf_compile  # noqa: E402
-from dsf_compile.fidelity import compare_gradients  # noqa: E402
+from dsf_compile.fidelity import compare_gradients, cosine_and_error  # noqa: E402
 from dsf_compile.models import RNNLanguageModel  # noqa: E402
 from dsf_compile.models.lm import masked_cross_entropy  # noqa: E402
 
-# name -> apply() arguments
-METHODS = {
-    "ft": dict(mode="ft"),
-    "dsf-linspace": dict(mode="dsf"),
-    "dsf-adaptive": dict(mode="dsf", feedback="adaptive"),
-    "highway-k0": dict(mode="highway", iterations=0),
-    "highway-k1": dict(mode="highway", iterations=1),
-    "highway-k2": dict(mode="highway", iterations=2),
-    "highway-k4": dict(mode="highway", iterations=4),
-}
+# method labels (methods.py) compared with exact BPTT
+METHODS = ["ft", "dsf-linspace", "dsf-adaptive", "highway-k0", "highway-k1", "highway-k2", "highway-k4"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="experiments/runs/fidelity", help="output path without suffix")
     parser.add_argument("--data-root", default=str(DEFAULT_ROOT), help="folder holding ptb/")
-    parser.add_argument("--width", type=int, default=128, help="GRU hidden size (= embedding size)")
-    parser.add_argument("--layers", type=int, default=1, help="stacked GRU layers")
-    parser.add_argument("--context", type=int, default=64, help="tokens per training sequence (T)")
-    parser.add_argument("--batch", type=int, default=32, help="sequences per batch")
-    parser.add_argument("--steps", type=int, default=800, help="BPTT training steps")
-    parser.add_argument("--every", type=int, default=100, help="measure every this many steps (and at step 0)")
+    parser.add_argument("--width", type=positive_int, default=128, help="GRU hidden size (= embedding size)")
+    parser.add_argument("--layers", type=positive_int, default=1, help="stacked GRU layers")
+    parser.add_argument("--context", type=positive_int, default=64, help="tokens per training sequence (T)")
+    parser.add_argument("--batch", type=positive_int, default=32, help="sequences per batch")
+    parser.add_argument("--steps", type=positive_int, default=800, help="BPTT training steps")
+    parser.add_argument("--every", type=positive_int, default=100, help="measure every this many steps (and at step 0)")
     parser.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model, the batch order and the probes")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS,
                         help="methods compared with exact BPTT")
-    args = parser.parse_args(argv)
-    for name in ("width", "layers", "context", "batch", "steps", "every"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1")
-    return args
+    return parser.parse_args(argv)
 
 
 def recurrent_fidelity(got: dict, want: dict) -> tuple[float, float]:
     """Cosine and relative error of the ``weight_hh`` gradients, concatenated."""
     names = [n for n in want if "weight_hh" in n]
-    a = torch.cat([got[n].flatten() for n in names])
-    b = torch.cat([want[n].flatten() for n in names])
-    return (a @ b / (a.norm() * b.norm())).item(), ((a - b).norm() / b.norm()).item()
+    return cosine_and_error(torch.cat([got[n].flatten() for n in names]), torch.cat([want[n].flatten() for n in names]))
 
 
 def gradients(model, x, y, pad: int) -> tuple[float, dict]:
@@ -91,8 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     model = RNNLanguageModel(len(corpus.vocab), args.width, args.layers, "gru")
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    probes = {name: dsf_compile.apply(copy.deepcopy(model).double(), compiler="aot_eager", **options)
-              for name, options in METHODS.items() if name in args.methods}
+    probes = {name: dsf_compile.apply(copy.deepcopy(model).double(), compiler="aot_eager", **apply_options(name))
+              for name in args.methods}
     exact = dsf_compile.apply(copy.deepcopy(model).double(), "bptt", compiler="aot_eager")
     records, step, started = [], 0, time.perf_counter()
     print(f"GRU LM {args.layers}x{args.width}, PTB words (V={len(corpus.vocab)}), T={args.context}, B={args.batch}: "
@@ -137,7 +124,7 @@ def measure(step: int, model, probes: dict, exact, x, y, pad: int, seed: int) ->
         torch.manual_seed(seed)  # the same Hutchinson probe for every run of this script
         _, got = gradients(probe, x, y, pad)
         probe._dsf_backend.adaptive_estimates.clear()  # a single-probe λ at every measurement
-        fidelity = compare_gradients(METHODS[name]["mode"], list(want), list(got.values()), list(want.values()))
+        fidelity = compare_gradients(apply_options(name)["mode"], list(want), list(got.values()), list(want.values()))
         cosine, error = recurrent_fidelity(got, want)
         row["methods"][name] = {"recurrent_cosine": cosine, "recurrent_relative_error": error,
                                 "cosine": fidelity.cosine, "relative_error": fidelity.relative_error}

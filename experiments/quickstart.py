@@ -27,52 +27,42 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from data import DEFAULT_ROOT, context_batches, load_ptb_chars, run_script  # noqa: E402
+from data import DEFAULT_ROOT, context_batches, load_ptb_chars, positive_int, run_script  # noqa: E402
+from methods import apply_options  # noqa: E402
 
 import dsf_compile  # noqa: E402
 from dsf_compile.models.lm import RNNLanguageModel  # noqa: E402
 
-# name -> apply() arguments (None: the model as written, eager PyTorch)
-METHODS = {
-    "eager-bptt": None,
-    "bptt": dict(mode="bptt"),
-    "ft": dict(mode="ft"),
-    "dsf": dict(mode="dsf"),
-    "dsf-adaptive": dict(mode="dsf", feedback="adaptive"),
-    "highway-k1": dict(mode="highway", iterations=1),
-    "highway-k2": dict(mode="highway", iterations=2),
-}
+# "eager-bptt": the model as written, eager PyTorch; the others through apply (methods.py)
+METHODS = ["eager-bptt", "bptt", "ft", "dsf", "dsf-adaptive", "highway-k1", "highway-k2"]
 DEFAULT_METHODS = ["eager-bptt", "ft", "dsf", "highway-k1"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default=str(DEFAULT_ROOT), help="folder holding ptb/ (default: %(default)s)")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=DEFAULT_METHODS,
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=DEFAULT_METHODS,
                         help="methods to train; eager-bptt is the baseline of the speed-ups")
-    parser.add_argument("--steps", type=int, default=150, help="training steps of every method")
-    parser.add_argument("--context", type=int, default=256, help="characters per sequence (T)")
-    parser.add_argument("--batch", type=int, default=16, help="sequences per batch (B)")
-    parser.add_argument("--hidden", type=int, default=256, help="GRU width (= embedding width)")
-    parser.add_argument("--layers", type=int, default=2, help="stacked GRU layers")
+    parser.add_argument("--steps", type=positive_int, default=150, help="training steps of every method")
+    parser.add_argument("--context", type=positive_int, default=256, help="characters per sequence (T)")
+    parser.add_argument("--batch", type=positive_int, default=16, help="sequences per batch (B)")
+    parser.add_argument("--hidden", type=positive_int, default=256, help="GRU width (= embedding width)")
+    parser.add_argument("--layers", type=positive_int, default=2, help="stacked GRU layers")
     parser.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
-    parser.add_argument("--valid-batches", type=int, default=8, help="validation batches (of --batch × --context)")
+    parser.add_argument("--valid-batches", type=positive_int, default=8,
+                        help="validation batches (of --batch × --context)")
     parser.add_argument("--seed", type=int, default=0, help="initialisation and batch order")
     parser.add_argument("--compiler", choices=["inductor", "aot_eager"], default="inductor",
                         help="what runs the rewritten graphs (aot_eager: no code generation)")
     parser.add_argument("--out", default=None, help="also write the results as JSON to this file")
-    args = parser.parse_args(argv)
-    for name in ("steps", "context", "batch", "hidden", "layers", "valid_batches"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    return args
+    return parser.parse_args(argv)
 
 
 def build(name: str, vocab: int, args: argparse.Namespace) -> torch.nn.Module:
     torch.manual_seed(args.seed)
     model = RNNLanguageModel(vocab, args.hidden, args.layers, "gru")
-    if METHODS[name] is not None:
-        dsf_compile.apply(model, compiler=args.compiler, **METHODS[name])
+    if name != "eager-bptt":
+        dsf_compile.apply(model, compiler=args.compiler, **apply_options(name))
     return model
 
 
@@ -123,7 +113,7 @@ def train(name: str, corpus, args: argparse.Namespace) -> dict:
            "train loss": round(sum(losses[-20:]) / len(losses[-20:]), 3),
            "valid ppl": round(evaluate(model, corpus, args), 3)}
     x, y = next(batches)
-    if METHODS[name] is None:
+    if name == "eager-bptt":
         row["grad cosine to BPTT"] = 1.0  # it is BPTT
     else:
         fidelity = dsf_compile.gradient_fidelity(model, lambda: loss_of(model, x, y))

@@ -12,8 +12,8 @@ A sweep file::
      "grid": {"method": ["bptt", "ft", "dsf"], "layers": [1, 3, 6, 12]}}
 
 Grid keys are train.py flags (``layers``, ``width``, ``context``, ``cell``, ...) and
-``method``, one of ``bptt``, ``ft``, ``dsf``, ``dsf-adaptive``, ``dsf-uniform``,
-``highway-k<k>``.  Every run of a sweep reads the same data for the same number of
+``method``, a label of ``methods.py``: ``bptt``, ``ft``, ``dsf``, ``dsf-adaptive``,
+``dsf-uniform``, ``highway-k<k>``.  Every run of a sweep reads the same data for the same number of
 epochs (and ``max_train_chars``, if set), so each sees the same tokens.  A finished run
 is skipped, an interrupted one resumed from its checkpoint (``train.py --resume``), so
 calling the sweep again continues it.  Runs go to ``<runs>/<name>/<run>``; the report
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -35,20 +34,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report  # noqa: E402
 import train  # noqa: E402
 from data import run_script  # noqa: E402
+from methods import apply_options  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 
 
 def method_flags(method: str) -> list[str]:
     """train.py flags of a method label (the labels train.py writes in its summaries)."""
-    if method in ("bptt", "ft", "dsf"):
-        return ["--method", method]
-    if method in ("dsf-adaptive", "dsf-uniform", "dsf-linspace"):
-        return ["--method", "dsf", "--feedback", method.removeprefix("dsf-")]
-    highway = re.fullmatch(r"highway-k(\d+)", method)
-    if highway:
-        return ["--method", "highway", "--iterations", highway.group(1)]
-    raise ValueError(f"method {method!r}: expected bptt, ft, dsf, dsf-adaptive, dsf-uniform or highway-k<k>")
+    options = apply_options(method)
+    flags = ["--method", options["mode"]]
+    if "feedback" in options:
+        flags += ["--feedback", options["feedback"]]
+    if "iterations" in options:
+        flags += ["--iterations", str(options["iterations"])]
+    return flags
 
 
 def flags_of(settings: dict) -> list[str]:

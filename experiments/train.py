@@ -30,6 +30,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from data import DEFAULT_CACHE, DEFAULT_ROOT, context_batches, load_ptb, load_wiki, run_script, sentence_batches  # noqa: E402
+from methods import label_of  # noqa: E402
 
 import dsf_compile  # noqa: E402
 from dsf_compile.models import RNNLanguageModel, TransformerLikeRNN  # noqa: E402
@@ -185,11 +186,7 @@ def method_options(config: dict) -> dict:
 
 def method_label(config: dict) -> str:
     """The method as the report names it: dsf, dsf-adaptive, highway-k2, ..."""
-    if config["method"] == "highway":
-        return f"highway-k{config['iterations']}"
-    if config["method"] == "dsf" and config["feedback"] != "linspace":
-        return f"dsf-{config['feedback']}"
-    return config["method"]
+    return label_of(config["method"], config["feedback"], config["iterations"])
 
 
 def save_checkpoint(path: Path, **state) -> None:

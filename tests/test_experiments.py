@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import dsf_compile
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
 
 import report  # noqa: E402
@@ -310,3 +312,19 @@ def test_every_figure_gives_a_method_the_same_colour_and_smooths_without_bias():
     assert plots.colour("highway-k7") == plots.colour("highway-k7")  # a spare, but always the same
     assert plots.smoothed([5.0] * 4) == pytest.approx([5.0] * 4)  # debiased: no ramp up from zero
     assert plots.smoothed([0.0, 10.0], 0.5)[1] == pytest.approx(10 * 0.5 / 0.75)
+
+
+@pytest.mark.parametrize("label", ["bptt", "ft", "dsf", "dsf-uniform", "dsf-adaptive", "highway-k0", "highway-k12"])
+def test_a_method_label_names_its_apply_options_and_back(label):
+    import methods
+
+    options = methods.apply_options(label)
+    assert methods.label_of(**options) == label
+    dsf_compile.apply(torch.nn.GRU(2, 3), compiler="aot_eager", **options)  # options apply accepts
+
+
+def test_an_unknown_method_label_is_refused():
+    import methods
+
+    with pytest.raises(ValueError, match="method 'highway-2'"):
+        methods.apply_options("highway-2")
