@@ -814,24 +814,33 @@ class LSTMCellIdiom(nn.Module):
         return torch.stack(outs)
 
 
-def test_lstm_cell_loop_whose_final_cell_state_is_unused_is_rewritten():
-    torch.manual_seed(15)
-    model = LSTMCellIdiom().double()
-    x = torch.randn(6, B, IN, dtype=torch.float64)
-    weights = torch.randn(6, B, H, dtype=torch.float64)
+def _trains_like_the_dsf_reference(model, T, step, init):
+    """Apply dsf to a copy of ``model``, a loop over a ``(T, B, IN)`` input whose outputs
+    are its first carry, and train it on a random linear loss: the forward must equal
+    eager's, the report list one loop and nothing left exact, and the parameter gradients
+    equal the literal reference's (linspace λ over the carries).  Returns that loop."""
+    x = torch.randn(T, B, IN, dtype=torch.float64)
+    weights = torch.randn(T, B, H, dtype=torch.float64)
     compiled = dsf_compile.apply(copy.deepcopy(model), "dsf", compiler="aot_eager")
     got = compiled(x)
     (got * weights).sum().backward()
     assert rel_err(got.detach(), model(x).detach()) <= 1e-12
-    (loop,) = dsf_compile.report(compiled).loops
-    assert loop.carries == f"h[{H}], c[{H}]"
-    zeros = torch.zeros(B, H, dtype=torch.float64)
+    report = dsf_compile.report(compiled)
+    assert len(report.loops) == 1 and report.left_exact == [], report
     loss = lambda states: sum((s[0] * weights[t]).sum() for t, s in enumerate(states))
-    _, want, _, _ = dsf_reference_loop(lambda xt, h, c: model.cell(xt, (h, c)), [(x[t],) for t in range(6)],
-                                       (zeros, zeros), torch.linspace(0, 1, 2 * H, dtype=torch.float64), loss,
-                                       list(model.cell.parameters()))
+    lam = torch.linspace(0, 1, sum(c.shape[-1] for c in init), dtype=torch.float64)
+    _, want, _, _ = dsf_reference_loop(step, [(x[t],) for t in range(T)], init, lam, loss, list(model.parameters()))
     for (name, p), w in zip(compiled.named_parameters(), want):
         assert rel_err(p.grad, w) <= 1e-9, name
+    return report.loops[0]
+
+
+def test_lstm_cell_loop_whose_final_cell_state_is_unused_is_rewritten():
+    torch.manual_seed(15)
+    model = LSTMCellIdiom().double()
+    zeros = torch.zeros(B, H, dtype=torch.float64)
+    loop = _trains_like_the_dsf_reference(model, 6, lambda xt, h, c: model.cell(xt, (h, c)), (zeros, zeros))
+    assert loop.carries == f"h[{H}], c[{H}]"
 
 
 class SplitLoop(nn.Module):
@@ -869,20 +878,8 @@ class TimeFirstSplitLoop(nn.Module):
 def test_a_split_along_a_negative_time_axis_is_rewritten_against_the_reference():
     torch.manual_seed(17)
     model = TimeFirstSplitLoop().double()
-    x = torch.randn(5, B, IN, dtype=torch.float64)
-    weights = torch.randn(5, B, H, dtype=torch.float64)
-    compiled = dsf_compile.apply(copy.deepcopy(model), "dsf", compiler="aot_eager")
-    got = compiled(x)
-    (got * weights).sum().backward()
-    assert rel_err(got.detach(), model(x).detach()) <= 1e-12
-    report = dsf_compile.report(compiled)
-    assert len(report.loops) == 1 and report.left_exact == [], report
-    loss = lambda states: sum((s[0] * weights[t]).sum() for t, s in enumerate(states))
-    _, want, _, _ = dsf_reference_loop(lambda xt, h: (model.cell(xt, h),), [(x[t],) for t in range(5)],
-                                       (torch.zeros(B, H, dtype=torch.float64),),
-                                       torch.linspace(0, 1, H, dtype=torch.float64), loss, list(model.parameters()))
-    for (name, p), w in zip(compiled.named_parameters(), want):
-        assert rel_err(p.grad, w) <= 1e-9, name
+    zeros = torch.zeros(B, H, dtype=torch.float64)
+    _trains_like_the_dsf_reference(model, 5, lambda xt, h: (model.cell(xt, h),), (zeros,))
 
 
 @pytest.mark.parametrize("dim", [1, -2])
