@@ -15,6 +15,7 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
 
 from .feedback import Feedback, check_feedback_option, register_estimates, resolve_feedback, summarize
+from .kernels import register_adjoint
 from .loop_ir import LeftExact, LoopIR
 from .passes.find_nested_loops import find_nested_loops
 from .passes.find_python_loops import find_python_loops
@@ -152,7 +153,7 @@ class DSFBackend:
     def rule_for(self, loop: LoopIR) -> GradientRule:
         """How ``loop``'s backward forms its state gradients under this backend's options."""
         if self.mode == "bptt":
-            return GradientRule("bptt")
+            return GradientRule("bptt", adjoint=register_adjoint(loop))
         if self.mode == "ft":
             return GradientRule("ft", lam=(0.0,) * loop.state_size)
         if self.mode == "highway":

@@ -3,8 +3,8 @@
 A step function is what a loop's ``body`` is traced from: one time step on ``(B, ...)``
 rows, written with ordinary torch ops so that ``vmap`` over time turns every weight use
 into one GEMM over all T·B rows.  :func:`run_cell_layer` computes every state of a layer at once with
-torch's fused RNN ops (cuDNN on CUDA, used there for exact BPTT's recomputation; values
-alone come from :mod:`dsf_compile.kernels`' graphed step loop).
+torch's fused RNN ops, on a CPU (on CUDA :mod:`dsf_compile.kernels`' graphed step loop is
+faster).
 """
 
 from __future__ import annotations
@@ -74,18 +74,13 @@ def trace_step(kind: str, has_biases: bool) -> torch.fx.GraphModule:
 
 
 def run_cell_layer(kind: str, x: Tensor, carries: list[Tensor], weights: list[Tensor]) -> list[Tensor]:
-    """All states of one forward-in-time layer, through torch's fused RNN ops.
-
-    In training mode when autograd is on (exact BPTT's recomputation): cuDNN can only
-    differentiate a forward run for training."""
-    has_biases, train = len(weights) == 4, torch.is_grad_enabled()
+    """All states of one forward-in-time layer, values only, through torch's fused RNN ops."""
+    has_biases, train = len(weights) == 4, False
     if kind == "lstm":
         h0, c0 = carries
         hs = torch.lstm(x, (h0[None], c0[None]), weights, has_biases, 1, 0.0, train, False, False)[0]
         # torch.lstm does not return the cell states; they follow from the hidden states by
-        # a linear recurrence with the (batched) gates as coefficients.  (On CUDA this runs
-        # only under autograd, for exact BPTT's recomputation: values-only forwards take
-        # the graphed step loop of kernels.run_kernel, which carries c itself.)
+        # a linear recurrence with the (batched) gates as coefficients.
         h_prev = torch.cat([h0[None], hs[:-1]])
         gates = F.linear(x, weights[0], weights[2] if has_biases else None)
         gates = gates + F.linear(h_prev, weights[1], weights[3] if has_biases else None)

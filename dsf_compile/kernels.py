@@ -4,10 +4,10 @@ A loop's ``forward_kernel`` is either the name of a cell of :mod:`dsf_compile.ce
 (nn.RNN/GRU/LSTM) or the key of a registered step body, run as a rolled loop: its
 input-only part hoisted and done for all T at once, then the recurrent rest stepped T
 times (on CUDA compiled by Inductor and replayed as one CUDA graph).  A cell runs as
-torch's fused op, except for values on CUDA, where its step body runs as such a graphed
-loop: faster than cuDNN there, whose host-side cost per call idles the device.  Kernels
-are asked for values (and, in exact mode, differentiated by autograd inside
-``dsf::loop_states_backward``); the rewrites supply DSF gradients themselves.
+torch's fused op, except on CUDA, where its step body runs as such a graphed loop:
+faster than cuDNN there, whose host-side cost per call idles the device.  Kernels are
+asked for values only; the rewrites supply every mode's gradients themselves, exact
+BPTT's by the adjoint loop of :func:`register_adjoint`, run as one more kernel.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from .loop_ir import LoopIR
 from .passes.hoist_step_inputs import HoistedBody, hoist_step_inputs
 
 _BODIES: dict[str, HoistedBody] = {}
+# exact BPTT's adjoint loops: the step body, its number of step inputs and of carries
+_ADJOINTS: dict[str, tuple[torch.fx.GraphModule, int, int]] = {}
 _COMPILED_STEPS: dict[tuple, Callable] = {}
 # One graph holds its loop's buffers: keep those of the few latest signatures (shapes).
 GRAPH_CACHE_SIZE = 8
@@ -36,14 +38,15 @@ _EAGER_EXCLUDE = torch._C._dispatch_tls_local_exclude_set()
 
 
 @contextlib.contextmanager
-def eager_dispatch(grad: bool = False):
-    """Run code inside a custom op's implementation as ordinary eager code.
+def eager_dispatch():
+    """Run code inside a custom op's implementation as ordinary eager code, without
+    autograd recording.
 
     An op's kernel runs with the dispatch keys above the backend excluded (autograd,
-    functorch's vmap, ...); an implementation that differentiates (exact BPTT's
-    recomputation) or vmaps (hoisting) needs them back.
+    functorch's vmap, ...); an implementation that vmaps (hoisting) or traces a VJP (the
+    adjoint loops) needs them back.
     """
-    with torch._C._ForceDispatchKeyGuard(_EAGER_INCLUDE, _EAGER_EXCLUDE), torch.set_grad_enabled(grad):
+    with torch._C._ForceDispatchKeyGuard(_EAGER_INCLUDE, _EAGER_EXCLUDE), torch.no_grad():
         yield
 
 
@@ -57,6 +60,50 @@ def register_body(loop: LoopIR) -> str:
     if key not in _BODIES:
         _BODIES[key] = hoist_step_inputs(loop.body, loop.num_step_inputs, len(loop.carry_sizes))
     return key
+
+
+def register_adjoint(loop: LoopIR) -> str:
+    """A kernel name for the exact adjoint loop of ``loop`` (exact BPTT's backward).
+
+    Its step ``t`` maps ``(x_t, s_{t-1}, g_t, e_{t+1})`` to ``e_t = J_tᵀ (g_t + e_{t+1})``,
+    the gradient reaching the state step t consumed (``J_t = ∂s_t/∂s_{t-1}`` at that step's
+    values; ``g`` the direct gradients of the states): run against time from
+    ``e_{T+1} = 0``, ``δ_t = g_t + e_{t+1}``.  Everything in that step that does not read
+    ``e`` (recomputing the gates from the saved states, their derivatives) reads only
+    per-step values, so :func:`hoist_step_inputs` moves it out of the loop into a few
+    batched ops over all T steps: what stays sequential is a product with the recurrent
+    weights and some elementwise work per step, fewer and smaller kernels than eager
+    autograd's backward walks.  Content-addressed like :func:`register_body`; the graph is
+    traced for each shape it meets (:func:`adjoint_kernel`).
+    """
+    counts = (loop.num_step_inputs, len(loop.carry_sizes))
+    signature = f"adjoint|{graph_structure(loop.body.graph)}|{counts[0]}|{counts[1]}"
+    key = "adjoint:" + hashlib.sha1(signature.encode()).hexdigest()[:16]
+    _ADJOINTS.setdefault(key, (loop.body, *counts))
+    return key
+
+
+def adjoint_kernel(key: str, step_inputs: list[Tensor], carries: list[Tensor], invariants: list[Tensor]) -> str:
+    """The registered body (:func:`register_body`'s kind) of adjoint ``key`` for inputs
+    like these: the step's VJP against its carries traced to an aten graph for this
+    signature, then hoisted."""
+    examples = [*(x[0] for x in step_inputs), *carries, *invariants]
+    name = f"{key}@" + hashlib.sha1(repr(_signature(examples)).encode()).hexdigest()[:16]
+    if name not in _BODIES:
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        body, n_x, n_c = _ADJOINTS[key]
+
+        def adjoint_step(*args: Tensor) -> tuple[Tensor, ...]:
+            xs, previous, ws = args[:n_x], args[n_x : n_x + n_c], args[n_x + 3 * n_c :]
+            direct, received = args[n_x + n_c : n_x + 2 * n_c], args[n_x + 2 * n_c : n_x + 3 * n_c]
+            _, pullback = torch.func.vjp(lambda *carried: tuple(body(*xs, *carried, *ws)), *previous)
+            return pullback(tuple(g + e for g, e in zip(direct, received)))
+
+        with eager_dispatch():
+            graph = make_fx(adjoint_step)(*(t.detach() for t in examples))
+        _BODIES[name] = hoist_step_inputs(graph, len(step_inputs), len(carries))
+    return name
 
 
 def graph_structure(graph: torch.fx.Graph) -> str:
@@ -85,10 +132,9 @@ def cell_body(kind: str, has_biases: bool) -> str:
 
 
 def _run_body(key: str, x_steps: list[Tensor], carries: list[Tensor], invariants: list[Tensor]) -> list[Tensor]:
-    """Every state of a registered body.  Values only on CUDA: one CUDA graph replay of
-    the whole loop over the Inductor-compiled step; otherwise (CPU, or autograd on for
-    exact BPTT's recomputation) an eager loop."""
-    if x_steps[0].is_cuda and not torch.is_grad_enabled():
+    """Every state of a registered body.  On CUDA one CUDA graph replay of the whole loop
+    over the Inductor-compiled step; on a CPU an eager loop."""
+    if x_steps[0].is_cuda:
         return graphed_loop(key, x_steps, carries, invariants)
     return stepped_states(_BODIES[key], _BODIES[key].rest, x_steps, carries, invariants)
 
@@ -116,7 +162,7 @@ def compiled_step(key: str, example_inputs: list[Tensor]) -> Callable:
 
         rest = _BODIES[key].rest
         graph = torch.fx.GraphModule(rest, copy.deepcopy(rest.graph))
-        with eager_dispatch(grad=False):
+        with eager_dispatch():
             _COMPILED_STEPS[signature] = compile_fx(graph, list(example_inputs))
     return _COMPILED_STEPS[signature]
 
@@ -132,7 +178,7 @@ def hoisted_inputs(body: HoistedBody, x_steps: list[Tensor], invariants: list[Te
     if body.pre is None:
         return x_steps
     in_dims = (0,) * len(x_steps) + (None,) * len(invariants)
-    with eager_dispatch(grad=torch.is_grad_enabled()):
+    with eager_dispatch():
         return list(torch.func.vmap(body.pre, in_dims=in_dims)(*x_steps, *invariants))
 
 
@@ -207,8 +253,8 @@ def run_kernel(
         step_inputs = [x.flip(0) for x in step_inputs]
     if kernel in STEPS:
         (x,) = step_inputs
-        if x.is_cuda and not torch.is_grad_enabled():
-            # Values only: the cell's step compiled and replayed as one CUDA graph.  cuDNN's
+        if x.is_cuda:
+            # The cell's step compiled and replayed as one CUDA graph.  cuDNN's
             # RNN call costs about 10 ms of host time on an H100 machine (torch 2.11), more
             # than its device time, so the device sat idle; the graph has no host work per
             # step (experiments/results/bench-*.md).
@@ -217,6 +263,8 @@ def run_kernel(
             states = run_cell_layer(kernel, x, carries, invariants)
     elif kernel in _BODIES:
         states = _run_body(kernel, step_inputs, carries, invariants)
+    elif kernel in _ADJOINTS:
+        states = _run_body(adjoint_kernel(kernel, step_inputs, carries, invariants), step_inputs, carries, invariants)
     else:
         raise KeyError(f"unknown loop kernel {kernel!r} (a step body must be registered in this process)")
     return [s.flip(0) for s in states] if reverse else states

@@ -8,9 +8,9 @@ implementation for the device at run time.
   (λ fixed for DSF, or a decay per step for Highway-BP) where Triton cannot run it (a
   plain loop on CPU; :func:`reverse_linear_scan` picks the Triton kernels of
   :mod:`dsf_compile.triton_scan`, which Inductor schedules, on CUDA).
-* ``dsf::loop_states`` — every state of a loop with a known kernel (:mod:`dsf_compile.kernels`).
-  Differentiable (exact BPTT, by recomputing with autograd in the backward) for mode
-  ``"bptt"``; the DSF/FT rewrites call it on detached inputs, for values only.
+* ``dsf::loop_states`` — every state of a loop with a known kernel (:mod:`dsf_compile.kernels`),
+  for values only: every mode supplies its gradients itself (:mod:`dsf_compile.runtime`),
+  exact BPTT's by running the loop's adjoint through this same op.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import triton_scan
-from .kernels import eager_dispatch, run_kernel
+from .kernels import run_kernel
 
 
 def reverse_linear_scan(g: Tensor, lam: Tensor, backwards: bool = True) -> Tensor:
@@ -129,7 +129,8 @@ def _(g: Tensor, lam: Tensor, backwards: bool) -> Tensor:
 def loop_states(
     kernel: str, reverse: bool, step_inputs: list[Tensor], carries: list[Tensor], invariants: list[Tensor]
 ) -> list[Tensor]:
-    """Every carried value ``(T, B, size)`` of a loop, by the eager kernel ``kernel``."""
+    """Every carried value ``(T, B, size)`` of a loop, by the eager kernel ``kernel``
+    (values only: no gradient flows through this op)."""
     with torch.no_grad():
         return [s.contiguous() for s in run_kernel(kernel, reverse, step_inputs, carries, invariants)]
 
@@ -138,75 +139,3 @@ def loop_states(
 def _(kernel, reverse, step_inputs, carries, invariants):
     length = step_inputs[0].shape[0]
     return [c.new_empty((length, *c.shape)) for c in carries]
-
-
-@torch.library.custom_op("dsf::loop_states_backward", mutates_args=())
-def loop_states_backward(
-    kernel: str,
-    reverse: bool,
-    grads: list[Tensor],
-    step_inputs: list[Tensor],
-    carries: list[Tensor],
-    invariants: list[Tensor],
-) -> list[Tensor]:
-    """Exact BPTT gradients of :func:`loop_states` for every input, in order.
-
-    Recomputes the forward with autograd on (cuDNN's own backward on CUDA): one more
-    forward pass buys a graph whose size does not depend on T.
-    """
-    inputs = [t.detach() for t in (*step_inputs, *carries, *invariants)]
-    slots = differentiable(inputs)  # not token ids or masks
-    for i in slots:
-        inputs[i].requires_grad_()
-    n_in, n_carry = len(step_inputs), len(carries)
-    with eager_dispatch(grad=True):
-        states = run_kernel(
-            kernel, reverse, inputs[:n_in], inputs[n_in : n_in + n_carry], inputs[n_in + n_carry :]
-        )
-        found = torch.autograd.grad(states, [inputs[i] for i in slots], grads, allow_unused=True)
-    found = filled([None] * len(inputs), slots, found)
-    found = [t.new_zeros(t.shape) if d is None else d.contiguous() for t, d in zip(inputs, found)]
-    return unaliased(found, (*grads, *step_inputs, *carries, *invariants))
-
-
-def unaliased(outputs: list[Tensor], inputs: tuple[Tensor, ...]) -> list[Tensor]:
-    """``outputs`` with a copy of each one that shares memory with an input or an earlier
-    output, as a custom op's results must.  cuDNN returns the weight gradients of an RNN
-    as views of one flat buffer."""
-    seen = {t.untyped_storage().data_ptr() for t in inputs}
-    result = []
-    for t in outputs:
-        storage = t.untyped_storage().data_ptr()
-        if storage in seen:
-            t = t.clone()
-            storage = t.untyped_storage().data_ptr()
-        seen.add(storage)
-        result.append(t)
-    return result
-
-
-@loop_states_backward.register_fake
-def _(kernel, reverse, grads, step_inputs, carries, invariants):
-    return [t.new_empty(t.shape) for t in (*step_inputs, *carries, *invariants)]
-
-
-def _setup_loop_states(ctx, inputs, output):
-    kernel, reverse, step_inputs, carries, invariants = inputs
-    ctx.kernel, ctx.reverse = kernel, reverse
-    ctx.sizes = (len(step_inputs), len(carries))
-    ctx.save_for_backward(*step_inputs, *carries, *invariants)
-
-
-def _loop_states_grad(ctx, grads):
-    saved = ctx.saved_tensors
-    n_in, n_carry = ctx.sizes
-    step_inputs, carries, invariants = saved[:n_in], saved[n_in : n_in + n_carry], saved[n_in + n_carry :]
-    length = step_inputs[0].shape[0]
-    grads = [c.new_zeros((length, *c.shape)) if g is None else g for g, c in zip(grads, carries)]
-    found = loop_states_backward(ctx.kernel, ctx.reverse, grads, step_inputs, carries, invariants)
-    slots = differentiable((*step_inputs, *carries, *invariants))  # the rest have no gradient
-    found = filled([None] * len(found), slots, [found[i] for i in slots])
-    return None, None, found[:n_in], found[n_in : n_in + n_carry], found[n_in + n_carry :]
-
-
-loop_states.register_autograd(_loop_states_grad, setup_context=_setup_loop_states)

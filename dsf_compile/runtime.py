@@ -1,18 +1,18 @@
 """What a rewritten loop computes, for every mode; traced by AOTAutograd.
 
-For the approximate modes (DESIGN.md §1–2, §7):
+For every mode (DESIGN.md §1–2, §7):
 
 1. the states are computed once, for values only (``dsf::loop_states``);
 2. a feedback node returns them; in its backward it turns the direct gradients ``g``
    into ``δ`` — by :func:`~dsf_compile.ops.reverse_linear_scan` with a fixed λ
    (``"dsf"``, ``"ft"``), with a λ estimated from the step's Jacobian diagonal
-   (``"dsf"`` with adaptive feedback), or by Highway-BP's iterations (``"highway"``) —
-   then takes the VJP of the step body applied to all T steps at once with the previous
-   states shifted in and held constant (``vmap`` over time): each weight gets one GEMM
-   over T·B rows, the T local VJPs being independent.  Every VJP against the states
-   (a Hutchinson probe, a highway iteration) reuses that one linearisation.
-
-For ``"bptt"`` the states come from ``dsf::loop_states`` with autograd: exact.
+   (``"dsf"`` with adaptive feedback), by Highway-BP's iterations (``"highway"``), or
+   exactly (``"bptt"``: the adjoint loop of :func:`~dsf_compile.kernels.register_adjoint`,
+   its per-step work batched over time where it reads no gradient) — then takes the VJP
+   of the step body applied to all T steps at once with the previous states shifted in
+   and held constant (``vmap`` over time): each weight gets one GEMM over T·B rows, the
+   T local VJPs being independent.  Every VJP against the states (a Hutchinson probe, a
+   highway iteration) reuses that one linearisation.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class GradientRule:
     ``mode``: ``"dsf"``/``"ft"`` (a diagonal feedback: ``lam``, fixed, or estimated at each
     backward when ``adaptive`` names where the estimate is kept), ``"highway"``
     (``iterations`` refinements of the highway scan; ``highway`` runs the step with each
-    carry's ``K``) or ``"bptt"``.
+    carry's ``K``) or ``"bptt"`` (exact, by the loop's ``adjoint`` kernel).
     """
 
     mode: str
@@ -46,6 +46,7 @@ class GradientRule:
     momentum: float = 0.0
     iterations: int = 0
     highway: HighwayStep | None = None
+    adjoint: str | None = None
 
 
 class DiagonalFeedback(torch.autograd.Function):
@@ -56,7 +57,7 @@ class DiagonalFeedback(torch.autograd.Function):
     VJP of the step body vmapped over all T steps (previous states shifted in, held
     constant) for the per-step inputs and invariants.  The initial carries get ``λ ⊙ δ_1``
     under a diagonal feedback, ``J_1ᵀ δ_1`` under Highway-BP (so that enough iterations
-    give exact BPTT).  The batched recomputation lives in the backward, so the forward is
+    give exact BPTT) and exact BPTT.  The batched recomputation lives in the backward, so the forward is
     the fused recurrence alone and nothing of the body is kept for the backward but its
     inputs.
     """
@@ -106,20 +107,35 @@ class DiagonalFeedback(torch.autograd.Function):
         def transposed(w: Tensor) -> Tensor:  # J_tᵀ w_t at every step, in the state it consumed
             return torch.cat(pullback(w)[2:], -1)
 
-        if highway:
+        if rule.mode == "bptt":
+            received = exact_received(loop, rule, g, sizes, step_inputs, previous, init, invariants)
+            delta = g + to_receiver(received, loop.reverse)
+        elif highway:
             delta = highway_deltas(loop, rule, g, decays.to(g.dtype), transposed)
         else:
             if rule.adaptive is not None:
                 lam = adaptive_lam(rule, g, transposed)
             delta = ops.reverse_linear_scan(g, lam, not loop.reverse)
         x_grads, w_grads, *previous_grads = pullback(delta)
-        if highway:
+        if rule.mode == "bptt":
+            init_grads = received[first].split(sizes, -1)
+        elif highway:
             init_grads = tuple(p[first] for p in previous_grads)
         else:
             init_grads = (lam.to(delta.dtype) * delta[first]).split(sizes, -1)
         step_grads = ops.filled([None] * len(step_inputs), x_slots, x_grads)
         invariant_grads = ops.filled([None] * len(invariants), w_slots, w_grads)
         return (None, None, None, None, *([None] * n_states), *step_grads, *init_grads, *invariant_grads)
+
+
+def exact_received(loop: LoopIR, rule: GradientRule, g: Tensor, sizes: list[int], step_inputs, previous,
+                   init, invariants) -> Tensor:
+    """``e_t = J_tᵀ (g_t + e_{t+1})`` at every step (``e_{t-1}`` for a reverse-time loop):
+    the exact gradient each step passes to the state it consumed, by the adjoint loop
+    run against the loop's direction.  ``δ = g + e`` shifted to the receiving step."""
+    carried = ops.loop_states(rule.adjoint, not loop.reverse, [*step_inputs, *previous, *g.split(sizes, -1)],
+                              [torch.zeros_like(c) for c in init], list(invariants))
+    return torch.cat(carried, -1) if len(carried) > 1 else carried[0]
 
 
 def adaptive_lam(rule: GradientRule, g: Tensor, transposed_product) -> Tensor:
@@ -215,8 +231,6 @@ def run_loop(
     tensor captured from the backend would be a real tensor among fake ones), in float32
     even for 16-bit models, whose rounding would turn decays near 1 into 1."""
     kernel = loop.forward_kernel
-    if rule.mode == "bptt":
-        return ops.loop_states(kernel, loop.reverse, step_inputs, init_carries, invariants)
     reference = init_carries[0]
     lam = None
     if rule.lam is not None:

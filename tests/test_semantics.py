@@ -123,31 +123,39 @@ def test_state_dict_keys_and_identity_unchanged():
     assert [n for n, _ in module.named_parameters()] == keys
 
 
-def test_backward_graph_has_one_scan_per_loop_and_no_per_step_matmuls():
-    """Each rewritten loop adds one reverse-scan node to the backward graph, and the
-    number of matrix products does not grow with T."""
-    def backward_graph(T):
-        torch._dynamo.reset()
-        module = nn.GRU(4, 5, 2, bidirectional=True).double()
-        model = dsf_compile.apply(module, compiler="aot_eager", dynamic=False)
-        out, h = model(torch.randn(T, 3, 4, dtype=torch.float64, requires_grad=True))
-        (out.sum() + h.sum()).backward()
-        graphs = dict(model._dsf_backend.graphs)
-        assert len(model._dsf_backend.graphs) == 2
-        # the forward is the fused recurrence alone: the batched step lives in the backward
-        assert count(graphs["forward"], ["dsf.loop_states"]) == 4
-        assert count(graphs["forward"], ["aten.mm", "aten.addmm", "aten.bmm"]) == 0
-        return graphs["backward"]
+def _graphs_of_bidirectional_gru(T: int, mode: str) -> dict:
+    torch._dynamo.reset()
+    module = nn.GRU(4, 5, 2, bidirectional=True).double()
+    model = dsf_compile.apply(module, mode=mode, compiler="aot_eager", dynamic=False)
+    out, h = model(torch.randn(T, 3, 4, dtype=torch.float64, requires_grad=True))
+    (out.sum() + h.sum()).backward()
+    assert len(model._dsf_backend.graphs) == 2
+    return dict(model._dsf_backend.graphs)
 
-    def count(graph, names):
-        return sum(1 for n in graph.graph.nodes if n.op == "call_function" and any(s in str(n.target) for s in names))
 
-    short, long = backward_graph(3), backward_graph(12)
-    assert count(short, ["dsf.reverse_linear_scan"]) == 4
-    assert count(long, ["dsf.reverse_linear_scan"]) == 4
-    matmuls = ["aten.mm", "aten.addmm", "aten.bmm"]
-    assert count(long, matmuls) == count(short, matmuls) > 0
-    assert count(long, ["dsf.loop_states"]) == 0
+def _count(graph, names):
+    return sum(1 for n in graph.graph.nodes if n.op == "call_function" and any(s in str(n.target) for s in names))
+
+
+MATMULS = ["aten.mm", "aten.addmm", "aten.bmm"]
+
+
+@pytest.mark.parametrize("mode", ["dsf", "bptt"])
+def test_backward_graph_has_one_node_per_loop_and_no_per_step_matmuls(mode):
+    """Each rewritten loop adds one node to the backward graph, whatever T: the reverse
+    scan (DSF), or the exact adjoint loop run as one kernel (bptt); the number of matrix
+    products does not grow with T.  The forward is the fused recurrence alone: the
+    batched step lives in the backward."""
+    short, long = (_graphs_of_bidirectional_gru(T, mode) for T in (3, 12))
+    for graphs in (short, long):
+        assert _count(graphs["forward"], ["dsf.loop_states"]) == 4
+        assert _count(graphs["forward"], MATMULS) == 0
+    per_loop = "dsf.reverse_linear_scan" if mode == "dsf" else "dsf.loop_states"
+    other = "dsf.loop_states" if mode == "dsf" else "dsf.reverse_linear_scan"
+    for graphs in (short, long):
+        assert _count(graphs["backward"], [per_loop]) == 4
+        assert _count(graphs["backward"], [other]) == 0
+    assert _count(long["backward"], MATMULS) == _count(short["backward"], MATMULS) > 0
 
 
 def test_past_dynamos_recompile_limit_calls_run_eagerly_and_say_so(monkeypatch, recwarn):
