@@ -1,9 +1,10 @@
-"""Training-step benchmark: cuDNN / torch.compile baselines against dsf_compile's modes.
+"""Training-step benchmark: eager / torch.compile baselines against dsf_compile's modes.
 
 Every row is measured in this one process, side by side, on the same data:
 
-* nn.GRU language model — ``cudnn-bptt`` (eager), ``compile-bptt`` (plain torch.compile,
-  default settings: Dynamo leaves nn.GRU to cuDNN behind a graph break), ``dsf-bptt``,
+* nn.GRU language model — ``eager-bptt`` (torch's fused op: cuDNN on CUDA), ``compile-bptt``
+  (plain torch.compile, default settings: Dynamo leaves nn.GRU to cuDNN behind a graph
+  break; ``cudnn-bptt`` in results written before 2026-11-23), ``dsf-bptt``,
   ``dsf-ft``, ``dsf-dsf`` (``dsf_compile.apply`` with each mode);
 * the same model with the GRU written by hand and stepped in a Python loop
   (``cell="gru-loop"``) — ``eager-bptt``, ``compile-bptt``, ``dsf-dsf``.
@@ -73,7 +74,7 @@ SMALL = {
     "cpu": dict(model="stack", width=32, layers=2, T=32, B=4, V=200),
 }
 SWEEP_TOKENS = 32 * 1024
-GRU_METHODS = ("cudnn-bptt", "compile-bptt", "dsf-bptt", "dsf-ft", "dsf-dsf")
+GRU_METHODS = ("eager-bptt", "compile-bptt", "dsf-bptt", "dsf-ft", "dsf-dsf")
 # the backward rewrites beyond fixed λ (DESIGN.md §7), timed when named in --methods
 EXTRA_GRU_METHODS = ("dsf-adaptive", "dsf-highway1", "dsf-highway2")
 # each named by the method label (methods.py) it times
@@ -304,8 +305,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--small", action="store_true", help="tiny shapes: a CPU run in minutes")
     parser.add_argument("--sweep", type=int, nargs="*", default=None,
                         help="T values of the sweep at a fixed token count (default 64…4096; none with --small)")
-    parser.add_argument("--methods", nargs="*", default=None, choices=[*GRU_METHODS, *CELL_METHODS, *EXTRA_GRU_METHODS],
-                        help="only these methods (e.g. cudnn-bptt dsf-dsf); "
+    parser.add_argument("--methods", nargs="*", default=None,
+                        choices=sorted({*GRU_METHODS, *CELL_METHODS, *EXTRA_GRU_METHODS}),
+                        help="only these methods (e.g. eager-bptt dsf-dsf); "
                              f"{', '.join(EXTRA_GRU_METHODS)} run only when named")
     parser.add_argument("--skip", nargs="*", default=[], help="methods not to run (e.g. compile-bptt)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps of a row in each round")
@@ -380,7 +382,7 @@ def markdown(result: dict) -> str:
     speedups = []
     for row in result["rows"]:
         base = next((r for r in result["rows"] if r["config"] == row["config"] and r["model"] == row["model"]
-                     and r["method"] in ("cudnn-bptt", "eager-bptt") and r.get("step_ms")), None)
+                     and r["method"] == "eager-bptt" and r.get("step_ms")), None)
         speedups.append(base["step_ms"] / row["step_ms"] if base and row.get("step_ms") else None)
     spread = lambda r: f"{r['step_ms_min_round']:.3g}–{r['step_ms_max_round']:.3g}" if "step_ms_min_round" in r else "-"
     table = [[spread(r) if k == "spread" else fmt(r.get(k)) for k in keys] + [fmt(s), r.get("status", "")]

@@ -4,7 +4,7 @@ For each method: the step's wall time, the device's busy time (the sum of its ke
 which tells a launch- or host-bound step from a device-bound one) and the operators
 that take the most device time.  Writes ``<out>.md``.
 
-    python experiments/profile_step.py --config wt103 --model nn.GRU --methods cudnn-bptt dsf-dsf
+    python experiments/profile_step.py --config wt103 --model nn.GRU --methods eager-bptt dsf-dsf
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--config", default="wt103", choices=list(bench.CONFIGS), help="a bench.py config")
     parser.add_argument("--small", action="store_true", help="bench.py's tiny shapes (a CPU)")
     parser.add_argument("--model", default="nn.GRU", choices=list(bench.FAMILIES), help="model family")
-    parser.add_argument("--methods", nargs="+", default=["cudnn-bptt", "dsf-dsf"], help="bench.py method names")
+    parser.add_argument("--methods", nargs="+", default=["eager-bptt", "dsf-dsf"], help="bench.py method names")
     parser.add_argument("--steps", type=int, default=5, help="profiled steps per method")
     parser.add_argument("--top", type=int, default=25, help="operators listed per method")
     parser.add_argument("--out", default=None, help="write the tables to <out>.md")
