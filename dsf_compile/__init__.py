@@ -137,23 +137,28 @@ class _CompiledForward:
     warns once when the model turned out to hold no loop to rewrite."""
 
     def __init__(self, model: nn.Module, name: str, compiled, dsf_backend: DSFBackend, dynamic: bool | None) -> None:
-        self.model, self.name, self.compiled, self.backend = model, name, compiled, dsf_backend
+        self.compiled_model, self.name, self.compiled, self.backend = model, name, compiled, dsf_backend
         self.dynamic, self._checked = dynamic, False
 
     def __deepcopy__(self, memo: dict) -> _CompiledForward:
         # the copy runs its own model through the same compiled function (Dynamo guards
         # on the model, so it gets its own graphs) and reports to the same backend
-        return _CompiledForward(copy.deepcopy(self.model, memo), self.name, self.compiled, self.backend, self.dynamic)
+        model = copy.deepcopy(self.compiled_model, memo)
+        return _CompiledForward(model, self.name, self.compiled, self.backend, self.dynamic)
 
     def __reduce__(self):
         # torch.save(model): compiled code does not pickle; the loaded model compiles
         # its method again, with a backend of the same options
-        return _compiled_again, (self.model, self.name, self.backend, self.dynamic)
+        return _compiled_again, (self.compiled_model, self.name, self.backend, self.dynamic)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            # called from another compiled method (a loss method calling self(...)): traced
+            # into the caller's graph, whose loops the backend sees together
+            return getattr(type(self.compiled_model), self.name)(self.compiled_model, *args, **kwargs)
         try:
             with _our_errors_unwrapped(), recurrent_ops_visible(), _GraphBreaks() as breaks, self.backend.running():
-                out = self.compiled(self.model, *args, **kwargs)
+                out = self.compiled(self.compiled_model, *args, **kwargs)
         except torch._dynamo.exc.FailOnRecompileLimitHit as error:
             return self._run_eagerly(error, args, kwargs)
         self.backend.graph_breaks.extend(b for b in breaks if b not in self.backend.graph_breaks)
@@ -167,7 +172,8 @@ class _CompiledForward:
         graphs for this forward (its recompile limit is hit, typically by many sequence
         lengths), so this call trains with exact gradients whatever the mode."""
         reason = (
-            f"Dynamo's recompile limit ({RECOMPILE_LIMIT} graphs for {type(self.model).__name__}.{self.name}) is hit, "
+            f"Dynamo's recompile limit ({RECOMPILE_LIMIT} graphs for "
+            f"{type(self.compiled_model).__name__}.{self.name}) is hit, "
             "so calls that need a new graph (a new sequence length, a new model of the class) run eagerly; "
             "pad or bucket sequence lengths to a few values"
         )
@@ -175,8 +181,8 @@ class _CompiledForward:
             self.backend.eager_calls.append(reason)
             last = " ".join(str(error).split())[:300]
             warnings.warn(f"dsf_compile: this call runs eagerly with exact gradients: {reason} ({last})", stacklevel=3)
-        with self.backend.running():
-            return getattr(type(self.model), self.name)(self.model, *args, **kwargs)
+        with self.backend.running(accounted=True):
+            return getattr(type(self.compiled_model), self.name)(self.compiled_model, *args, **kwargs)
 
     def _warn_if_nothing_found(self) -> None:
         report = self.backend.report
@@ -249,23 +255,33 @@ def _compiled_again(model: nn.Module, name: str, dsf_backend: DSFBackend, dynami
 
 class _OutsideCallCheck:
     """A forward pre-hook on a recurrent module: training it outside the compiled methods
-    (another method calling it directly) runs it eagerly, with exact gradients whatever
-    the mode; say so instead of leaving the report's word for it."""
+    (another method calling it directly), or inside one but outside its graph (a graph
+    break, FSDP's hooks on the module), runs it eagerly, with exact gradients whatever the
+    mode; say so instead of leaving the report's word for it."""
 
     def __init__(self, dsf_backend: DSFBackend, path: str, methods: Sequence[str]) -> None:
         self.backend, self.path, self.methods = dsf_backend, path, tuple(methods)
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
-        if torch.compiler.is_compiling() or self.backend.is_running or not torch.is_grad_enabled():
+        if torch.compiler.is_compiling() or self.backend.is_accounted or not torch.is_grad_enabled():
             return
         if not any(p.requires_grad for p in module.parameters()):
             return
-        caller = _calling_method(module)
-        reason = (
-            f"{self.path!r} ({type(module).__name__}) ran outside the compiled method(s) "
-            f"{', '.join(self.methods)}{f', called from {caller!r}' if caller else ''}: it trains with exact "
-            f"gradients; pass methods=(..., {caller or 'the method that calls it'!r}) to dsf_compile.apply"
-        )
+        what = f"{self.path!r} ({type(module).__name__})"
+        if self.backend.is_running:  # in a compiled method, yet not in its graph
+            reason = (
+                f"{what} ran eagerly inside the compiled method(s) {', '.join(self.methods)}: a graph break "
+                "(report().graph_breaks) left it out of the graph, so it trains with exact gradients; remove "
+                f"the break (a torch.compiler.disable'd function, a call Dynamo skips), or apply dsf_compile to "
+                f"{self.path!r} itself"
+            )
+        else:
+            caller = _calling_method(module)
+            reason = (
+                f"{what} ran outside the compiled method(s) {', '.join(self.methods)}"
+                f"{f', called from {caller!r}' if caller else ''}: it trains with exact gradients; "
+                f"pass methods=(..., {caller or 'the method that calls it'!r}) to dsf_compile.apply"
+            )
         if reason not in self.backend.eager_calls:
             self.backend.eager_calls.append(reason)
             warnings.warn(f"dsf_compile: {reason}", stacklevel=4)
@@ -337,7 +353,7 @@ def gradient_fidelity(model: nn.Module, closure: Callable[[], Tensor]) -> Fideli
         got = gradients()
         dsf_backend.adaptive_estimates.clear()
         dsf_backend.adaptive_estimates.update(estimates)
-        with dsf_backend.running():
+        with dsf_backend.running(accounted=True):
             model.__dict__.update(exact)
             want = gradients()
     finally:

@@ -110,20 +110,28 @@ class DSFBackend:
         self.graphs: list[tuple[str, torch.fx.GraphModule]] = []
         self.graph_breaks: list[str] = []
         self.eager_calls: list[str] = []
-        self._running = 0
+        self._running = self._accounted = 0
 
     @property
     def is_running(self) -> bool:
         """Whether a compiled method of an applied model is being called."""
         return self._running > 0
 
+    @property
+    def is_accounted(self) -> bool:
+        """Whether eager runs of recurrent modules now are already accounted for (a method
+        run eagerly past Dynamo's recompile limit, gradient_fidelity's exact run)."""
+        return self._accounted > 0
+
     @contextlib.contextmanager
-    def running(self):
+    def running(self, accounted: bool = False):
         self._running += 1
+        self._accounted += accounted
         try:
             yield
         finally:
             self._running -= 1
+            self._accounted -= accounted
 
     def __deepcopy__(self, memo: dict) -> DSFBackend:
         return self  # shared by copies of a model, like the compiled function that calls it

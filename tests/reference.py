@@ -234,3 +234,87 @@ def highway_reference_loop(step, decay_of, xs, init, iterations, loss_of_states,
     x_grads = _local_vjps(step, xs, prev, w, params, grads)
     init_grad = transposed(0, w[0]).split(sizes, -1)
     return states, grads, x_grads, init_grad
+
+
+# DSF as autograd sees it: a second, independent form of the reference.  Each step reads
+# its previous state held constant, and its new state adds λ ⊙ (s − sg(s)), zero in value
+# with derivative λ: so ∂s_t/∂s_{t-1} = diag(λ), every local VJP is taken at the exact
+# states, and plain autograd on the patched model gives DSF's gradients for the whole
+# model around the loop (heads, embeddings, other loops) with no δ recursion written out.
+
+
+def _held_and_kept(state, lam):
+    if isinstance(state, (tuple, list)):
+        pairs = [_held_and_kept(s, lam) for s in state]
+        return type(state)(p[0] for p in pairs), type(state)(p[1] for p in pairs)
+    held = state.detach()
+    return held, lam * (state - held)
+
+
+def _plus(a, b):
+    if isinstance(a, (tuple, list)):
+        return type(a)(_plus(x, y) for x, y in zip(a, b))
+    return a + b
+
+
+def feedback_step(step, lam: float, state_at: int | None = None):
+    """``step(x, state)`` (a cell's forward, a hand-written step function) with DSF's
+    gradients at a constant λ.  ``state_at``: where the new state is in the step's result
+    when the result also holds per-step outputs (those keep their exact gradients)."""
+
+    def fed_back(x, state):
+        held, kept = _held_and_kept(state, lam)
+        cut = step(x, held)
+        if state_at is None:
+            return _plus(cut, kept)
+        full = step(x, state)
+        return tuple(_plus(cut[i], kept) if i == state_at else r for i, r in enumerate(full))
+
+    return fed_back
+
+
+def feedback_cell(cell: nn.Module, lam: float, state_at: int | None = None) -> nn.Module:
+    """``cell`` (in place) computing :func:`feedback_step` of its own forward."""
+    cell.forward = feedback_step(type(cell).forward.__get__(cell), lam, state_at)
+    return cell
+
+
+def feedback_rnn(module: nn.RNNBase, lam: float) -> nn.RNNBase:
+    """``module`` (nn.RNN/GRU/LSTM, in place) stepping :func:`cell` with DSF's gradients
+    at a constant λ: layers, directions, ``batch_first`` and the dropout between layers
+    (drawn where torch draws it) as torch's module does them."""
+    kind = kind_of(module)
+    params = dict(module.named_parameters())
+    L, H = module.num_layers, module.hidden_size
+    D = 2 if module.bidirectional else 1
+
+    def forward(x, hx=None):
+        if module.batch_first:
+            x = x.transpose(0, 1)
+        T, B = x.shape[:2]
+        zeros = x.new_zeros(L * D, B, H)
+        if kind == "lstm":
+            init = torch.cat(hx if hx is not None else (zeros, zeros), -1)
+        else:
+            init = hx if hx is not None else zeros
+        finals, layer_in = [], x
+        for layer in range(L):
+            outs = []
+            for d in range(D):
+                sfx = f"_l{layer}" + ("_reverse" if d else "")
+                w = [params.get(f"{n}{sfx}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+                step = feedback_step(lambda x_t, s, w=w: cell(kind, x_t, s, *w), lam)
+                s, seq = init[layer * D + d], [None] * T
+                for t in (range(T - 1, -1, -1) if d else range(T)):
+                    s = seq[t] = step(layer_in[t], s)
+                finals.append(s)
+                outs.append(torch.stack(seq)[..., :H])
+            layer_in = torch.cat(outs, -1)
+            if layer < L - 1 and module.dropout and module.training:
+                layer_in = nn.functional.dropout(layer_in, module.dropout, True)
+        final = torch.stack(finals)
+        out = layer_in.transpose(0, 1) if module.batch_first else layer_in
+        return (out, (final[..., :H], final[..., H:])) if kind == "lstm" else (out, final)
+
+    module.forward = forward
+    return module

@@ -257,6 +257,38 @@ def test_a_recurrent_module_trained_outside_the_compiled_methods_is_reported_and
     assert rel_err(fixed.lstm.weight_hh_l0.grad, exact.lstm.weight_hh_l0.grad) > 1e-3  # DSF, not BPTT
 
 
+class _DisabledEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(7, 4)
+        self.rnn = nn.GRU(4, 5)
+        self.head = nn.Linear(5, 7)
+
+    @torch.compiler.disable
+    def encode(self, x):
+        return self.rnn(x)[0]
+
+    def forward(self, tokens):
+        return self.head(self.encode(self.embedding(tokens)))
+
+
+def test_a_recurrent_module_left_out_of_the_graph_by_a_break_is_reported():
+    """A recurrent module called from code Dynamo will not trace runs eagerly inside the
+    compiled forward: exact gradients, and the report says which module and why."""
+    torch.manual_seed(0)
+    model = _DisabledEncoder().double()
+    tokens = torch.randint(0, 7, (6, 3))
+    compiled = dsf_compile.apply(copy.deepcopy(model), compiler="aot_eager")
+    with pytest.warns(UserWarning, match="'rnn' \\(GRU\\) ran eagerly inside the compiled method"):
+        compiled(tokens).sum().backward()
+    model(tokens).sum().backward()
+    for p, q in zip(compiled.parameters(), model.parameters()):
+        assert rel_err(p.grad, q.grad) <= 1e-12
+    report = dsf_compile.report(compiled)
+    assert not report.loops and report.graph_breaks
+    assert len(report.eager_calls) == 1 and "apply dsf_compile to 'rnn' itself" in report.eager_calls[0]
+
+
 def test_apply_names_what_it_takes():
     with pytest.raises(TypeError, match="takes an nn.Module"):
         dsf_compile.apply(lambda x: x)

@@ -531,6 +531,42 @@ def test_loop_over_a_subrange_with_a_seed_slice():
         assert rel_err(p.grad, want) <= 1e-9
 
 
+class SeedInStepWithTheLoop(nn.Module):
+    """A forward-algorithm recursion: the state starts as ``start + x[0]`` and each step
+    ends by adding ``x[t]``, so the seed's use falls in step with the loop's uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.start = nn.Parameter(torch.randn(H))
+        self.transitions = nn.Parameter(torch.randn(H, H))
+
+    def forward(self, x):
+        alpha = self.start + x[0]
+        for t in range(1, x.shape[0]):
+            alpha = torch.logsumexp(alpha.unsqueeze(2) + self.transitions, 1) + x[t]
+        return torch.logsumexp(alpha, -1)
+
+
+def test_a_seed_slice_in_step_with_the_loop_is_not_taken_for_a_step():
+    torch.manual_seed(9)
+    model = SeedInStepWithTheLoop().double()
+    x = torch.randn(6, B, H, dtype=torch.float64)
+    compiled = dsf_compile.apply(copy.deepcopy(model), "dsf", feedback=0.5, compiler="aot_eager")
+    out = compiled(x)
+    assert rel_err(out.detach(), model(x).detach()) <= 1e-12
+    out.sum().backward()
+    (loop,) = dsf_compile.report(compiled).loops
+    assert loop.length == "5"
+    alpha0 = model.start + x[0]
+    step = lambda xt, a: (torch.logsumexp(a.unsqueeze(2) + model.transitions, 1) + xt,)
+    _, (g_transitions,), _, (g_alpha0,) = dsf_reference_loop(
+        step, [(x[t],) for t in range(1, 6)], (alpha0.detach(),), 0.5,
+        lambda states: torch.logsumexp(states[-1][0], -1).sum(), [model.transitions])
+    (g_start,) = torch.autograd.grad(alpha0, [model.start], g_alpha0)
+    assert rel_err(compiled.transitions.grad, g_transitions) <= 1e-9
+    assert rel_err(compiled.start.grad, g_start) <= 1e-9
+
+
 class OppositeDirections(nn.Module):
     def __init__(self):
         super().__init__()

@@ -322,13 +322,17 @@ def _score(segments, check: _Check) -> tuple[int, int]:
 
 
 def _segmentations(calls, position, family):
+    """Candidate splits of the calls into steps, in groups: every phase of the proposed
+    run of steps, then (if none of those is a loop) of the run without its first step,
+    then without its last.  A slice used outside the loop can fall in step with it by
+    chance (``alpha = start + x[0]`` before ``alpha = f(alpha) + x[t]`` for t ≥ 1: both
+    uses are the last op of a stretch of the same length)."""
     start, size, order = _propose(position, family)
     steps = len(order)
-    for phase in range(size):
-        begin = start - phase
-        if begin < 0 or begin + steps * size > len(calls):
-            continue
-        yield [calls[begin + t * size : begin + (t + 1) * size] for t in range(steps)]
+    runs = [(start, steps)] + ([(start + size, steps - 1), (start, steps - 1)] if steps > 2 else [])
+    for first, count in runs:
+        yield [[calls[first - phase + t * size : first - phase + (t + 1) * size] for t in range(count)]
+               for phase in range(size) if first - phase >= 0 and first - phase + count * size <= len(calls)]
 
 
 def _looks_like_a_loop(family: StepInputFamily) -> bool:
@@ -385,19 +389,22 @@ def find_python_loops(gm: torch.fx.GraphModule) -> tuple[list[PythonLoop], list[
         try:
             best = None
             reasons = []
-            for segments in _segmentations(calls, position, family):
-                if any(n in used for seg in segments for n in seg):
-                    continue
-                try:
-                    check = _check_segments(segments, families)
-                except NotALoop as reason:
-                    reasons.append(str(reason))
-                    continue
-                if not check.carry_slots:
-                    reasons.append("no value is carried from one step to the next")
-                    continue
-                if best is None or _score(segments, check) < _score(*best):
-                    best = (segments, check)
+            for candidates in _segmentations(calls, position, family):
+                for segments in candidates:
+                    if any(n in used for seg in segments for n in seg):
+                        continue
+                    try:
+                        check = _check_segments(segments, families)
+                    except NotALoop as reason:
+                        reasons.append(str(reason))
+                        continue
+                    if not check.carry_slots:
+                        reasons.append("no value is carried from one step to the next")
+                        continue
+                    if best is None or _score(segments, check) < _score(*best):
+                        best = (segments, check)
+                if best is not None:
+                    break
             if best is None:
                 raise NotALoop(reasons[0] if reasons else "no segmentation of the steps fits")
             loop = _build(*best, families)

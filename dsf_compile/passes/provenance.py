@@ -48,5 +48,7 @@ def module_path(node: torch.fx.Node) -> str:
     if not stack:
         return ""
     path, _ = list(stack.values())[-1]
-    # Dynamo names modules from the frame's locals: "L['self'].encoder.rnn"
-    return re.sub(r"^L\['[^']*'\]\.?", "", path)
+    # Dynamo names modules from the frame's locals: "L['self'].encoder.rnn"; a compiled
+    # method called from another one is reached through apply's wrapper of that method:
+    # "L['self'].forward.compiled_model.encoder.rnn"
+    return re.sub(r"^L\['[^']*'\]\.?(\w+\.compiled_model\.)?", "", path)

@@ -1,0 +1,93 @@
+"""An applied model under data parallelism: DDP, and FSDP2's ``fully_shard`` (the whole
+model as one unit, or the recurrent module as its own unit), each on 2 CPU processes
+with gloo, half of the batch each.  Their averaged gradients must equal one process's
+DSF gradients on the full batch: the rewrite is per sample, so sharding the batch must
+not change it."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+import dsf_compile
+from tests.helpers import rel_err
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available() or sys.platform == "win32",
+    reason="needs torch.distributed with gloo",
+)
+
+BATCH, LENGTH, VOCAB = 4, 6, 7
+
+
+class _LM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(VOCAB, 4)
+        self.rnn = nn.GRU(4, 5, 2)
+        self.head = nn.Linear(5, VOCAB)
+
+    def forward(self, tokens):
+        return self.head(self.rnn(self.embedding(tokens))[0])
+
+
+def _data():
+    generator = torch.Generator().manual_seed(1)
+    return (torch.randint(0, VOCAB, (LENGTH, BATCH), generator=generator),
+            torch.randint(0, VOCAB, (LENGTH, BATCH), generator=generator))
+
+
+def _loss(model, tokens, targets):
+    return F.cross_entropy(model(tokens).flatten(0, 1), targets.flatten())
+
+
+def _worker(rank: int, init: str, wrapping: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = _LM().double()
+        if wrapping == "ddp":
+            dsf_compile.apply(model, compiler="aot_eager")
+            trained = torch.nn.parallel.DistributedDataParallel(model)
+        else:
+            from torch.distributed.fsdp import fully_shard
+
+            if wrapping == "fsdp-model":
+                dsf_compile.apply(model, compiler="aot_eager")
+            else:  # the recurrent module is its own unit: apply to it, after sharding
+                fully_shard(model.rnn)
+                dsf_compile.apply(model.rnn, compiler="aot_eager")
+            trained = fully_shard(model)
+        tokens, targets = _data()
+        half = slice(rank * BATCH // 2, (rank + 1) * BATCH // 2)
+        _loss(trained, tokens[:, half], targets[:, half]).backward()
+        grads = [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad for p in model.parameters()]
+        applied = model if wrapping != "fsdp-rnn" else model.rnn
+        report = dsf_compile.report(applied)
+        if rank == 0:
+            torch.save({"grads": grads, "loops": [loop.rewrite for loop in report.loops],
+                        "breaks": report.graph_breaks, "eager": report.eager_calls}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("wrapping", ["ddp", "fsdp-model", "fsdp-rnn"])
+def test_data_parallel_gradients_equal_one_process_on_the_full_batch(tmp_path, wrapping):
+    if wrapping != "ddp":
+        pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 (fully_shard) needs torch >= 2.6")
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_worker, args=(f"file://{tmp_path / 'init'}", wrapping, str(out)), nprocs=2)
+    found = torch.load(out)
+    assert found["loops"] == ["dsf", "dsf"] and not found["breaks"] and not found["eager"]
+
+    torch.manual_seed(0)
+    model = dsf_compile.apply(_LM().double(), compiler="aot_eager")
+    _loss(model, *_data()).backward()
+    for (name, p), got in zip(model.named_parameters(), found["grads"]):
+        assert rel_err(got, p.grad) <= 1e-12, name
