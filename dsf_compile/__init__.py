@@ -101,21 +101,24 @@ def _compile_method(model: nn.Module, name: str, dsf_backend: DSFBackend, dynami
 
 
 class _GraphBreaks:
-    """Collects the reasons of the graph breaks Dynamo takes while the block runs."""
+    """Collects the reasons of the graph breaks Dynamo takes while the block runs.  Dynamo
+    counts some under "graph_break" and others (data-dependent branching: a loop with a
+    ``break`` on a tensor's value) only under "unimplemented"."""
 
     def __enter__(self) -> list[str]:
         from torch._dynamo.utils import counters
 
-        self._counter = counters["graph_break"]
-        self._before = dict(self._counter)
+        self._counters = [counters["graph_break"], counters["unimplemented"]]
+        self._before = [dict(counter) for counter in self._counters]
         self.reasons: list[str] = []
         return self.reasons
 
     def __exit__(self, *exc) -> None:
-        for reason, count in self._counter.items():
-            if count > self._before.get(reason, 0):
-                summary = " ".join(line.strip() for line in reason.splitlines()[:2] if line.strip())
-                self.reasons.append(summary)
+        for counter, before in zip(self._counters, self._before):
+            for reason, count in counter.items():
+                summary = " ".join(line.strip() for line in str(reason).splitlines()[:2] if line.strip())
+                if count > before.get(reason, 0) and summary not in self.reasons:
+                    self.reasons.append(summary)
 
 
 @contextlib.contextmanager

@@ -289,6 +289,36 @@ def test_a_recurrent_module_left_out_of_the_graph_by_a_break_is_reported():
     assert len(report.eager_calls) == 1 and "apply dsf_compile to 'rnn' itself" in report.eager_calls[0]
 
 
+class _EncoderThenStoppingLoop(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.GRU(4, 5)
+        self.cell = nn.GRUCell(5, 5)
+
+    def forward(self, x, threshold):
+        out, h = self.encoder(x)
+        h = h[0]
+        for t in range(x.shape[0]):
+            h = self.cell(out[t], h)
+            if h.sum() > threshold:  # a data-dependent break: Dynamo breaks the graph here
+                break
+        return h
+
+
+def test_a_loop_with_a_data_dependent_break_is_reported_as_a_graph_break():
+    """The encoder is rewritten; the stopping loop runs step by step in graph pieces, so
+    its cell trains exactly, and the report says why instead of staying silent."""
+    torch.manual_seed(0)
+    model = _EncoderThenStoppingLoop().double()
+    x = torch.randn(6, 3, 4, dtype=torch.float64)
+    compiled = dsf_compile.apply(copy.deepcopy(model), compiler="aot_eager")
+    out = compiled(x, 100.0)
+    assert rel_err(out.detach(), model(x, 100.0).detach()) <= 1e-12
+    report = dsf_compile.report(compiled)
+    assert [loop.rewrite for loop in report.loops] == ["dsf"]
+    assert any("data-dependent" in reason.lower() for reason in report.graph_breaks), report
+
+
 def test_apply_names_what_it_takes():
     with pytest.raises(TypeError, match="takes an nn.Module"):
         dsf_compile.apply(lambda x: x)
