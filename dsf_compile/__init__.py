@@ -24,6 +24,7 @@ from .fidelity import Fidelity, ParameterFidelity, compare_gradients
 from .loop_ir import LeftExact, LoopIR
 from .ops import loop_states, reverse_linear_scan
 from .report import LoopReport, Report
+from .traced_rnn import opaque_rnn_calls
 
 RECOMPILE_LIMIT = 64
 
@@ -69,6 +70,7 @@ def backend(
                       momentum=momentum)
 
 
+@contextlib.contextmanager
 def recurrent_ops_visible():
     """A context in which Dynamo traces nn.RNN/GRU/LSTM into the graph instead of running
     them eagerly behind a graph break (its default, DESIGN.md §6).
@@ -79,11 +81,14 @@ def recurrent_ops_visible():
     of the mode asked for: :func:`apply`'s forward turns that error into a loud eager call.
     Python floats are constants of the graph (``specialize_float``): a model built with
     another dropout than an earlier one of its class must not turn the rate into a graph
-    input, which the rewrites need as a number.
+    input, which the rewrites need as a number.  The modules' fused ops are traced as one
+    opaque op (:mod:`dsf_compile.traced_rnn`), so that the sequence length stays a size
+    Dynamo can make dynamic instead of a constant.
     """
-    return torch._dynamo.config.patch(
+    with torch._dynamo.config.patch(
         allow_rnn=True, recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True, specialize_float=True
-    )
+    ), opaque_rnn_calls():
+        yield
 
 
 def _compile_method(model: nn.Module, name: str, dsf_backend: DSFBackend, dynamic: bool | None):

@@ -25,6 +25,7 @@ from .passes.rewrite_python_loops import rewrite_python_loop, rewrite_scan_loop
 from .passes.rewrite_rnn_ops import rewrite_recurrent_op
 from .report import LoopReport, Report
 from .runtime import MODES, GradientRule, highway_rule
+from .traced_rnn import restore_torch_calls
 
 COMPILERS = ("inductor", "aot_eager", "none")
 
@@ -182,6 +183,7 @@ class DSFBackend:
         return GradientRule("dsf", lam=tuple(resolve_feedback(self.feedback, loop, seed).tolist()))
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> Callable:
+        restore_torch_calls(gm)
         self._left_exact(find_nested_loops(gm))
         sites, left_exact = find_recurrent_ops(gm)
         self._left_exact(left_exact)

@@ -114,6 +114,29 @@ def test_new_sequence_length_and_batch_size(kind):
         module.zero_grad()
 
 
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_one_graph_serves_every_later_sequence_length(kind):
+    """The fused op is traced opaquely, so the length is not a constant of the graph: the
+    first call compiles, the second length compiles once more with T dynamic, and every
+    later length reuses that graph (DSF gradients against the reference each time)."""
+    torch._dynamo.reset()
+    module, _, _, _ = make_case(kind, 2, False, False, True, False, torch.float64, seed=4)
+    model = dsf_compile.apply(module, compiler="aot_eager")
+    lam = torch.linspace(0, 1, module.hidden_size * (2 if kind == "lstm" else 1), dtype=torch.float64)
+    for T in (4, 6, 9, 13, 20):
+        x = torch.randn(T, 3, module.input_size, dtype=torch.float64, requires_grad=True)
+        out, _ = model(x)
+        (out ** 2).sum().backward()
+        _, want = dsf_reference(module, x.detach(), None, [lam] * 2, lambda o, *_: (o ** 2).sum())
+        got = {n: p.grad for n, p in model.named_parameters()}
+        got["x"] = x.grad
+        want.pop("h0"), want.pop("c0", None)
+        assert_close(got, want, 1e-9)
+        module.zero_grad()
+    assert len(model._dsf_backend.graphs) == 4  # a forward and a backward graph, twice
+    assert not dsf_compile.report(model).loops[-1].length.isdigit()  # a symbolic size
+
+
 def test_state_dict_keys_and_identity_unchanged():
     module = nn.LSTM(3, 4, 2)
     keys = list(module.state_dict())

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 
 import torch.fx
+
+# frames of this package (traced_rnn's stand-in for torch's RNN functions) are not the user's
+_PACKAGE = f'"{Path(__file__).resolve().parents[1]}{os.sep}'
 
 
 def _frames(node: torch.fx.Node) -> list[str]:
     trace = node.meta.get("stack_trace") or ""
-    return [line.strip() for line in trace.splitlines() if line.strip().startswith("File ")]
+    lines = [line.strip() for line in trace.splitlines()]
+    return [line for line in lines if line.startswith("File ") and not line.startswith(f"File {_PACKAGE}")]
 
 
 def _format(frame: str) -> str:
