@@ -85,7 +85,7 @@ def test_recurrent_modules_on_cuda_match_the_reference(kind, mode):
     assert "triton_kernel_wrapper" in backward and "reverse_linear_scan" not in backward
 
 
-def test_exact_mode_on_cuda_is_cudnn_bptt():
+def test_exact_mode_on_cuda_equals_cudnn_bptt():
     module, x, h0, loss_fn = make_case("gru", 2, False, True, True, True, torch.float32, seed=32)
     module, x, h0 = module.cuda(), x.cuda(), h0.cuda()
     on_cpu = lambda *outs: loss_fn(*(o.cpu() for o in outs))

@@ -588,8 +588,8 @@ def test_inputs_read_in_opposite_directions_stay_exact():
 
 @pytest.mark.parametrize("layers", [1, 2])
 def test_bptt_through_hoisted_hand_written_cells_is_exact(layers):
-    """Exact mode recomputes the rolled forward under autograd, hoisted input projection
-    included: every gradient must be BPTT's."""
+    """Exact mode runs the adjoint of the rolled step (its gradient-free part hoisted):
+    every gradient must be BPTT's."""
     from dsf_compile.models import HandWrittenGRULM
 
     torch.manual_seed(9)
