@@ -448,6 +448,8 @@ def _writes_in_place(node: torch.fx.Node) -> bool:
     if node.target in _INPLACE_OPERATORS:
         first = node.args[0] if node.args else None
         return isinstance(first, torch.fx.Node) and isinstance(first.meta.get("example_value"), torch.Tensor)
+    if node.op == "call_function" and getattr(node.target, "__module__", None) in ("operator", "_operator"):
+        return False  # operator.not_ / and_ (on sizes under dynamic shapes) are not in place
     name = _name(node)
     if name.endswith("_") and not name.startswith("_"):  # torch's naming of in-place ops
         return True
