@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import torch.fx
 
-# frames of this package (traced_rnn's stand-in for torch's RNN functions) are not the user's
-_PACKAGE = f'"{Path(__file__).resolve().parents[1]}{os.sep}'
+# the frame of traced_rnn's stand-in for torch's RNN functions is not the user's
+_STAND_IN = f'File "{Path(__file__).resolve().parents[1] / "traced_rnn.py"}"'
 
 
 def _frames(node: torch.fx.Node) -> list[str]:
     trace = node.meta.get("stack_trace") or ""
     lines = [line.strip() for line in trace.splitlines()]
-    return [line for line in lines if line.startswith("File ") and not line.startswith(f"File {_PACKAGE}")]
+    return [line for line in lines if line.startswith("File ") and not line.startswith(_STAND_IN)]
 
 
 def _format(frame: str) -> str:
