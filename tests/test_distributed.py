@@ -7,6 +7,7 @@ not change it."""
 from __future__ import annotations
 
 import sys
+from datetime import timedelta
 
 import pytest
 import torch
@@ -48,7 +49,8 @@ def _loss(model, tokens, targets):
 
 
 def _worker(rank: int, init: str, wrapping: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    # a stuck collective fails the test within a minute instead of hanging it
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2, timeout=timedelta(seconds=60))
     try:
         torch.manual_seed(0)
         model = _LM().double()
@@ -73,6 +75,7 @@ def _worker(rank: int, init: str, wrapping: str, out: str) -> None:
         if rank == 0:
             torch.save({"grads": grads, "loops": [loop.rewrite for loop in report.loops],
                         "breaks": report.graph_breaks, "eager": report.eager_calls}, out)
+        dist.barrier()  # neither rank tears the group down while the other still uses it
     finally:
         dist.destroy_process_group()
 
