@@ -126,18 +126,6 @@ class _GraphBreaks:
                     self.reasons.append(summary)
 
 
-def _sizes_may_vary(args: tuple, kwargs: dict) -> None:
-    """Let Dynamo trace the sizes of the inputs as symbols from the first call, so one
-    graph serves later lengths and batch sizes (nn.RNN/GRU/LSTM; a Python loop is unrolled
-    and keeps one graph per length): without this, Dynamo compiles for the first shape and
-    again, dynamic, at the second.  Only a hint: a size the program depends on stays a
-    constant of the graph."""
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, Tensor):
-            for dim in range(value.dim()):
-                torch._dynamo.maybe_mark_dynamic(value, dim)
-
-
 @contextlib.contextmanager
 def _our_errors_unwrapped():
     """Dynamo wraps errors raised in a backend; ours (bad λ, strict mode) are the user's
@@ -176,8 +164,6 @@ class _CompiledForward:
             # called from another compiled method (a loss method calling self(...)): traced
             # into the caller's graph, whose loops the backend sees together
             return getattr(type(self.compiled_model), self.name)(self.compiled_model, *args, **kwargs)
-        if self.dynamic is None:
-            _sizes_may_vary(args, kwargs)
         try:
             with _our_errors_unwrapped(), recurrent_ops_visible(), _GraphBreaks() as breaks, self.backend.running():
                 out = self.compiled(self.compiled_model, *args, **kwargs)
