@@ -121,8 +121,10 @@ class _GraphBreaks:
     def __exit__(self, *exc) -> None:
         for counter, before in zip(self._counters, self._before):
             for reason, count in counter.items():
+                if count <= before.get(reason, 0):
+                    continue
                 summary = " ".join(line.strip() for line in str(reason).splitlines()[:2] if line.strip())
-                if count > before.get(reason, 0) and summary not in self.reasons:
+                if summary not in self.reasons:
                     self.reasons.append(summary)
 
 
@@ -163,7 +165,7 @@ class _CompiledForward:
         if torch.compiler.is_compiling():
             # called from another compiled method (a loss method calling self(...)): traced
             # into the caller's graph, whose loops the backend sees together
-            return getattr(type(self.compiled_model), self.name)(self.compiled_model, *args, **kwargs)
+            return self._original(*args, **kwargs)
         try:
             with _our_errors_unwrapped(), recurrent_ops_visible(), _GraphBreaks() as breaks, self.backend.running():
                 out = self.compiled(self.compiled_model, *args, **kwargs)
@@ -190,7 +192,11 @@ class _CompiledForward:
             last = " ".join(str(error).split())[:300]
             warnings.warn(f"dsf_compile: this call runs eagerly with exact gradients: {reason} ({last})", stacklevel=3)
         with self.backend.running(accounted=True):
-            return getattr(type(self.compiled_model), self.name)(self.compiled_model, *args, **kwargs)
+            return self._original(*args, **kwargs)
+
+    def _original(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's own method, uncompiled."""
+        return getattr(type(self.compiled_model), self.name)(self.compiled_model, *args, **kwargs)
 
     def _warn_if_nothing_found(self) -> None:
         report = self.backend.report

@@ -21,6 +21,8 @@ import torch.fx
 import torch.nn.modules.rnn as torch_rnn
 from torch import Tensor
 
+from .passes.find_rnn_ops import weight_count
+
 KINDS = ("rnn_tanh", "rnn_relu", "gru", "lstm")
 
 
@@ -55,8 +57,8 @@ def _covered(kind: str, args: tuple) -> bool:
     states = hx if kind == "lstm" else (hx,)
     if not all(isinstance(h, Tensor) for h in states) or len(states) != (2 if kind == "lstm" else 1):
         return False
-    per_loop = 4 if has_biases else 2
-    return len(params) == num_layers * (2 if bidirectional else 1) * per_loop and x.shape[1 if batch_first else 0] != 1
+    return (len(params) == weight_count(has_biases, num_layers, bidirectional)
+            and x.shape[1 if batch_first else 0] != 1)
 
 
 class _TracedFunctions:

@@ -38,6 +38,19 @@ def kind_of(module: nn.Module) -> str:
     return "rnn_" + module.nonlinearity
 
 
+WEIGHT_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+
+def _suffix(layer: int, direction: int) -> str:
+    return f"_l{layer}" + ("_reverse" if direction else "")
+
+
+def layer_weights(params: dict, layer: int, direction: int) -> list:
+    """(w_ih, w_hh, b_ih, b_hh) of one (layer, direction) of an nn.RNN/GRU/LSTM, None
+    where the module has no bias."""
+    return [params.get(name + _suffix(layer, direction)) for name in WEIGHT_NAMES]
+
+
 def dsf_reference(module: nn.RNNBase, x, h0, lams, loss_fn, dropout_masks=None):
     """Forward outputs and DSF gradients of ``loss_fn(output, h_n[, c_n])``.
 
@@ -60,8 +73,7 @@ def dsf_reference(module: nn.RNNBase, x, h0, lams, loss_fn, dropout_masks=None):
     params = dict(module.named_parameters())
 
     def weights(layer, d):
-        sfx = f"_l{layer}" + ("_reverse" if d else "")
-        return [params.get(f"{n}{sfx}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        return layer_weights(params, layer, d)
 
     def order(d):
         return range(T - 1, -1, -1) if d else range(T)
@@ -123,9 +135,8 @@ def dsf_reference(module: nn.RNNBase, x, h0, lams, loss_fn, dropout_masks=None):
                     new = cell(kind, x_t, prevs[layer, d][t], *weights(layer, d))
                     found = torch.autograd.grad(new, [x_t, *w], delta[t])
                 g_in[t] += found[0]
-                names = [n for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-                sfx = f"_l{layer}" + ("_reverse" if d else "")
-                for name, gw in zip([n + sfx for n in names if params.get(n + sfx) is not None], found[1:]):
+                sfx = _suffix(layer, d)
+                for name, gw in zip([n + sfx for n in WEIGHT_NAMES if params.get(n + sfx) is not None], found[1:]):
                     grads[name] += gw
             g_init[idx] = lam * delta[0 if d == 0 else T - 1]
         if layer > 0 and dropout_masks is not None:
@@ -301,8 +312,7 @@ def feedback_rnn(module: nn.RNNBase, lam: float) -> nn.RNNBase:
         for layer in range(L):
             outs = []
             for d in range(D):
-                sfx = f"_l{layer}" + ("_reverse" if d else "")
-                w = [params.get(f"{n}{sfx}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+                w = layer_weights(params, layer, d)
                 step = feedback_step(lambda x_t, s, w=w: cell(kind, x_t, s, *w), lam)
                 s, seq = init[layer * D + d], [None] * T
                 for t in (range(T - 1, -1, -1) if d else range(T)):

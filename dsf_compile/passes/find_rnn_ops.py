@@ -48,6 +48,12 @@ class RecurrentOpSite:
         return 4 if self.has_biases else 2
 
 
+def weight_count(has_biases: bool, num_layers: int, bidirectional: bool) -> int:
+    """Length of a fused RNN op's weight list without ``proj_size``: one set per (layer,
+    direction), two matrices and two biases or just the matrices."""
+    return num_layers * (2 if bidirectional else 1) * (4 if has_biases else 2)
+
+
 def _example(node) -> torch.Tensor | None:
     value = node.meta.get("example_value") if isinstance(node, torch.fx.Node) else None
     return value if isinstance(value, torch.Tensor) else None
@@ -68,7 +74,7 @@ def _site_or_reason(node: torch.fx.Node, kind: str) -> RecurrentOpSite | str:
     x, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first = args
     directions = 2 if bidirectional else 1
     per_loop = 4 if has_biases else 2
-    if len(params) != num_layers * directions * per_loop:
+    if len(params) != weight_count(has_biases, num_layers, bidirectional):
         return "LSTM with proj_size is not supported" if kind == "lstm" else "unexpected weight list"
     example = _example(x)
     if example is None or example.dim() != 3:
