@@ -162,7 +162,7 @@ class DSFBackend:
     def rule_for(self, loop: LoopIR) -> GradientRule:
         """How ``loop``'s backward forms its state gradients under this backend's options."""
         if self.mode == "bptt":
-            return GradientRule("bptt", adjoint=register_adjoint(loop))
+            return GradientRule("bptt", adjoint=register_adjoint(loop, compile_step=self.compiler == "inductor"))
         if self.mode == "ft":
             return GradientRule("ft", lam=(0.0,) * loop.state_size)
         if self.mode == "highway":

@@ -7,7 +7,7 @@ times (on CUDA compiled by Inductor and replayed as one CUDA graph).  A cell run
 torch's fused op, except on CUDA, where its step body runs as such a graphed loop:
 faster than cuDNN there, whose host-side cost per call idles the device.  Kernels are
 asked for values only; the rewrites supply every mode's gradients themselves, exact
-BPTT's by the adjoint loop of :func:`register_adjoint`, run as one more kernel.
+BPTT's by the adjoint loop of :func:`register_adjoint` (:func:`exact_gradients`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import copy
 import hashlib
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -28,7 +29,10 @@ from .passes.hoist_step_inputs import HoistedBody, hoist_step_inputs
 _BODIES: dict[str, HoistedBody] = {}
 # exact BPTT's adjoint loops: the step body, its number of step inputs and of carries
 _ADJOINTS: dict[str, tuple[torch.fx.GraphModule, int, int]] = {}
+_ADJOINT_PARTS: dict[str, AdjointParts] = {}
 _COMPILED_STEPS: dict[tuple, Callable] = {}
+# kernels whose sequential step runs compiled by Inductor on a CPU too
+_COMPILED_ON_CPU: set[str] = set()
 # One graph holds its loop's buffers: keep those of the few latest signatures (shapes).
 GRAPH_CACHE_SIZE = 8
 _GRAPHS: OrderedDict[tuple, GraphedLoop] = OrderedDict()
@@ -62,8 +66,9 @@ def register_body(loop: LoopIR) -> str:
     return key
 
 
-def register_adjoint(loop: LoopIR) -> str:
-    """A kernel name for the exact adjoint loop of ``loop`` (exact BPTT's backward).
+def register_adjoint(loop: LoopIR, compile_step: bool = False) -> str:
+    """A kernel name for the exact adjoint loop of ``loop`` (exact BPTT's backward), run by
+    :func:`exact_gradients`.
 
     Its step ``t`` maps ``(x_t, s_{t-1}, g_t, e_{t+1})`` to ``e_t = J_tᵀ (g_t + e_{t+1})``,
     the gradient reaching the state step t consumed (``J_t = ∂s_t/∂s_{t-1}`` at that step's
@@ -74,22 +79,42 @@ def register_adjoint(loop: LoopIR) -> str:
     batched ops over all T steps: what stays sequential is a product with the recurrent
     weights and some elementwise work per step, fewer and smaller kernels than eager
     autograd's backward walks.  Content-addressed like :func:`register_body`; the graph is
-    traced for each shape it meets (:func:`adjoint_kernel`).
+    traced for each shape it meets (:func:`adjoint_parts`).  ``compile_step``: on a CPU
+    too, the sequential part runs as compiled by Inductor (as it always does on CUDA), one
+    or two fused kernels and the product per step instead of a dozen small ops.
     """
     counts = (loop.num_step_inputs, len(loop.carry_sizes))
-    signature = f"adjoint|{graph_structure(loop.body.graph)}|{counts[0]}|{counts[1]}"
+    signature = f"adjoint|{graph_structure(loop.body.graph)}|{counts[0]}|{counts[1]}|{compile_step}"
     key = "adjoint:" + hashlib.sha1(signature.encode()).hexdigest()[:16]
     _ADJOINTS.setdefault(key, (loop.body, *counts))
+    if compile_step:
+        _COMPILED_ON_CPU.add(key)
     return key
 
 
-def adjoint_kernel(key: str, step_inputs: list[Tensor], carries: list[Tensor], invariants: list[Tensor]) -> str:
-    """The registered body (:func:`register_body`'s kind) of adjoint ``key`` for inputs
-    like these: the step's VJP against its carries traced to an aten graph for this
-    signature, then hoisted."""
+@dataclass
+class AdjointParts:
+    """Adjoint ``key`` traced for one signature: ``name``, the registered kernel of its
+    sequential part (reading ``pre``'s outputs when there is a ``pre``); ``pre``, its
+    gradient-free per-step part, which recomputes the step's forward on the way;
+    ``state_slots``, where among ``pre``'s outputs the step's new states are (None when they
+    are not all there: the forward is then recomputed on its own)."""
+
+    name: str
+    pre: torch.fx.GraphModule | None
+    state_slots: list[int] | None
+
+
+def adjoint_parts(key: str, step_inputs: list[Tensor], carries: list[Tensor], invariants: list[Tensor]) -> AdjointParts:
+    """The parts of adjoint ``key`` for inputs like these (``step_inputs``: the loop's own,
+    the states each step consumed and the direct gradients; ``carries``: the received
+    gradients ``e``).  The step's VJP against its carries is traced to an aten graph that
+    also returns the step's new states, then hoisted: its per-step part holds the whole
+    forward of the step, so the one batched recomputation of the forward serves both the
+    adjoint loop and the VJP for the loop's inputs and weights."""
     examples = [*(x[0] for x in step_inputs), *carries, *invariants]
     name = f"{key}@" + hashlib.sha1(repr(_signature(examples)).encode()).hexdigest()[:16]
-    if name not in _BODIES:
+    if name not in _ADJOINT_PARTS:
         from torch.fx.experimental.proxy_tensor import make_fx
 
         body, n_x, n_c = _ADJOINTS[key]
@@ -97,13 +122,91 @@ def adjoint_kernel(key: str, step_inputs: list[Tensor], carries: list[Tensor], i
         def adjoint_step(*args: Tensor) -> tuple[Tensor, ...]:
             xs, previous, ws = args[:n_x], args[n_x : n_x + n_c], args[n_x + 3 * n_c :]
             direct, received = args[n_x + n_c : n_x + 2 * n_c], args[n_x + 2 * n_c : n_x + 3 * n_c]
-            _, pullback = torch.func.vjp(lambda *carried: tuple(body(*xs, *carried, *ws)), *previous)
-            return pullback(tuple(g + e for g, e in zip(direct, received)))
+            states, pullback = torch.func.vjp(lambda *carried: tuple(body(*xs, *carried, *ws)), *previous)
+            return (*pullback(tuple(g + e for g, e in zip(direct, received))), *states)
 
         with eager_dispatch():
             graph = make_fx(adjoint_step)(*(t.detach() for t in examples))
-        _BODIES[name] = hoist_step_inputs(graph, len(step_inputs), len(carries))
-    return name
+        hoisted = hoist_step_inputs(graph, len(step_inputs), len(carries))
+        sequential = copy.deepcopy(hoisted.rest.graph)
+        output = next(n for n in sequential.nodes if n.op == "output")
+        values = list(output.args[0])
+        output.args = (tuple(values[: len(carries)]),)
+        sequential.eliminate_dead_code()
+        _BODIES[name] = HoistedBody(None, torch.fx.GraphModule(hoisted.rest, sequential))
+        # the new states, if the per-step part computes them all: placeholders of the rest
+        per_step = [n for n in output.graph.nodes if n.op == "placeholder"][: -len(carries) - len(invariants) or None]
+        states = values[len(carries) :]
+        shared = hoisted.pre is not None and all(s in per_step for s in states)
+        slots = [per_step.index(s) for s in states] if shared else None
+        _ADJOINT_PARTS[name] = AdjointParts(name, hoisted.pre, slots)
+        if key in _COMPILED_ON_CPU:
+            _COMPILED_ON_CPU.add(name)
+    return _ADJOINT_PARTS[name]
+
+
+def exact_gradients(
+    key: str, reverse: bool, step_inputs: list[Tensor], previous: list[Tensor], direct: list[Tensor],
+    init: list[Tensor], invariants: list[Tensor],
+) -> list[Tensor]:
+    """Exact BPTT's gradients of a loop (run forwards unless ``reverse``) with adjoint
+    ``key``: those of its initial carries, then of its floating-point step inputs and
+    invariants, from the direct gradients ``direct`` of its states ``(T, B, size)``
+    (``previous``: the state each step consumed).
+
+    One batched recomputation of the step's forward over all T steps (the per-step part of
+    :func:`adjoint_parts`) gives the adjoint loop its inputs and is the linearisation of
+    the VJP against the loop's inputs and weights; the adjoint loop, run against time,
+    gives ``δ = g + e``, which that VJP then takes in one batched pass (one GEMM per
+    weight over T·B rows)."""
+    with eager_dispatch():
+        loop_inputs = [*step_inputs, *previous, *direct]
+        parts = adjoint_parts(key, loop_inputs, [torch.zeros_like(c) for c in init], invariants)
+        x_slots, w_slots = differentiable(step_inputs), differentiable(invariants)
+        n_x = len(step_inputs)
+        in_dims = (0,) * len(loop_inputs) + (None,) * len(invariants)
+
+        def forward(xs: tuple[Tensor, ...], ws: tuple[Tensor, ...]):
+            xs_all, ws_all = filled(step_inputs, x_slots, xs), filled(invariants, w_slots, ws)
+            if parts.pre is None:
+                hoisted = tuple(loop_inputs)
+            else:
+                hoisted = tuple(torch.func.vmap(parts.pre, in_dims=in_dims)(*xs_all, *previous, *direct, *ws_all))
+            if parts.state_slots is not None:
+                states = tuple(hoisted[i] for i in parts.state_slots)
+            else:
+                body_dims = (0,) * (n_x + len(previous)) + (None,) * len(ws_all)
+                states = tuple(torch.func.vmap(_ADJOINTS[key][0], in_dims=body_dims)(*xs_all, *previous, *ws_all))
+            return states, tuple(h.detach() for h in hoisted)
+
+        primals = (tuple(step_inputs[i] for i in x_slots), tuple(invariants[i] for i in w_slots))
+        _, pullback, hoisted = torch.func.vjp(forward, *primals, has_aux=True)
+        zeros = [torch.zeros_like(c) for c in init]
+        received = run_kernel(parts.name, not reverse, list(hoisted), zeros, invariants)
+        deltas = [g + to_receiver(e, reverse) for g, e in zip(direct, received)]
+        x_grads, w_grads = pullback(tuple(deltas))
+        first = -1 if reverse else 0  # the step that consumed the initial carries
+        return [*(e[first] for e in received), *x_grads, *w_grads]
+
+
+def to_receiver(per_step: Tensor, reverse: bool) -> Tensor:
+    """Values computed at step t moved to the step whose δ they feed: t − 1 (t + 1 for a
+    reverse-time loop), with zeros where no step does."""
+    zero = torch.zeros_like(per_step[:1])
+    return torch.cat([zero, per_step[:-1]]) if reverse else torch.cat([per_step[1:], zero])
+
+
+def differentiable(tensors) -> list[int]:
+    """Positions of the tensors that can have a gradient (floating point or complex)."""
+    return [i for i, t in enumerate(tensors) if t.is_floating_point() or t.is_complex()]
+
+
+def filled(values, slots: list[int], replacements) -> list:
+    """``values`` with ``replacements`` put at ``slots``."""
+    values = list(values)
+    for i, value in zip(slots, replacements):
+        values[i] = value
+    return values
 
 
 def graph_structure(graph: torch.fx.Graph) -> str:
@@ -131,26 +234,37 @@ def cell_body(kind: str, has_biases: bool) -> str:
     return key
 
 
-def _run_body(key: str, x_steps: list[Tensor], carries: list[Tensor], invariants: list[Tensor]) -> list[Tensor]:
+def _run_body(
+    key: str, x_steps: list[Tensor], carries: list[Tensor], invariants: list[Tensor], reverse: bool
+) -> list[Tensor]:
     """Every state of a registered body.  On CUDA one CUDA graph replay of the whole loop
-    over the Inductor-compiled step; on a CPU an eager loop."""
+    over the Inductor-compiled step; on a CPU a loop of the step, compiled by Inductor
+    for the bodies registered so (:func:`register_adjoint`), else run op by op."""
     if x_steps[0].is_cuda:
-        return graphed_loop(key, x_steps, carries, invariants)
-    return stepped_states(_BODIES[key], _BODIES[key].rest, x_steps, carries, invariants)
+        return graphed_loop(key, x_steps, carries, invariants, reverse)
+    body = _BODIES[key]
+    step = body.rest
+    if key in _COMPILED_ON_CPU:
+        step = compiled_step(key, step_inputs_of(body, x_steps, carries, invariants))
+    return stepped_states(body, step, x_steps, carries, invariants, reverse)
 
 
 def stepped_states(
-    body: HoistedBody, step: Callable, x_steps: list[Tensor], carries: list[Tensor], invariants: list[Tensor]
+    body: HoistedBody, step: Callable, x_steps: list[Tensor], carries: list[Tensor], invariants: list[Tensor],
+    reverse: bool = False,
 ) -> list[Tensor]:
-    """A plain loop of ``step`` (the recurrent part of ``body``) over time, the input-only
-    part of the step done for all T at once before it."""
+    """A plain loop of ``step`` (the recurrent part of ``body``) over time (from the last
+    step to the first if ``reverse``: read in place, as flipped copies of every input would
+    cost a pass over memory each), the input-only part of the step done for all T at once
+    before it."""
     x_steps = hoisted_inputs(body, x_steps, invariants)
+    length = x_steps[0].shape[0]
     states: list[list[Tensor]] = [[] for _ in carries]
-    for t in range(x_steps[0].shape[0]):
+    for t in range(length - 1, -1, -1) if reverse else range(length):
         carries = list(step(*(x[t] for x in x_steps), *carries, *invariants))
         for seq, c in zip(states, carries):
             seq.append(c)
-    return [torch.stack(seq) for seq in states]
+    return [torch.stack(seq[::-1] if reverse else seq) for seq in states]
 
 
 def compiled_step(key: str, example_inputs: list[Tensor]) -> Callable:
@@ -188,9 +302,11 @@ class GraphedLoop:
     copied into the graph's static buffers and the states copied out, so one graph serves
     every layer with the same signature."""
 
-    def __init__(self, body: HoistedBody, step: Callable, inputs: list[Tensor], counts: tuple[int, int]) -> None:
+    def __init__(
+        self, body: HoistedBody, step: Callable, inputs: list[Tensor], counts: tuple[int, int], reverse: bool
+    ) -> None:
         self.static = [t.clone(memory_format=torch.contiguous_format) for t in inputs]
-        self.counts = counts
+        self.counts, self.reverse = counts, reverse
         run = lambda: self._states(body, step)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -204,7 +320,7 @@ class GraphedLoop:
     def _states(self, body: HoistedBody, step: Callable) -> list[Tensor]:
         n_x, n_c = self.counts
         x_steps, carries, invariants = self.static[:n_x], self.static[n_x : n_x + n_c], self.static[n_x + n_c :]
-        return stepped_states(body, step, x_steps, carries, invariants)
+        return stepped_states(body, step, x_steps, carries, invariants, self.reverse)
 
     def __call__(self, inputs: list[Tensor]) -> list[Tensor]:
         for buffer, value in zip(self.static, inputs):
@@ -213,24 +329,26 @@ class GraphedLoop:
         return [o.clone() for o in self.outputs]
 
 
-def graphed_loop(key: str, x_steps: list[Tensor], carries: list[Tensor], invariants: list[Tensor]) -> list[Tensor]:
+def graphed_loop(
+    key: str, x_steps: list[Tensor], carries: list[Tensor], invariants: list[Tensor], reverse: bool
+) -> list[Tensor]:
     """Every state of body ``key`` on CUDA through a cached :class:`GraphedLoop` (or, while
     an enclosing CUDA graph is being captured, the same loop captured into that one)."""
     body = _BODIES[key]
     inputs = [*x_steps, *carries, *invariants]
     # the graph reads contiguous copies of the inputs, so their strides do not matter
-    signature = (key, tuple((tuple(t.shape), t.dtype, t.device) for t in inputs))
+    signature = (key, reverse, tuple((tuple(t.shape), t.dtype, t.device) for t in inputs))
     if signature in _GRAPHS:
         _GRAPHS.move_to_end(signature)
         return _GRAPHS[signature](inputs)
     if torch.cuda.is_current_stream_capturing():
         step = compiled_step(key, step_inputs_of(body, x_steps, carries, invariants))
-        return stepped_states(body, step, x_steps, carries, invariants)
+        return stepped_states(body, step, x_steps, carries, invariants, reverse)
     contiguous = [t.contiguous() for t in inputs]
     n_x, n_c = len(x_steps), len(carries)
     groups = contiguous[:n_x], contiguous[n_x : n_x + n_c], contiguous[n_x + n_c :]
     step = compiled_step(key, step_inputs_of(body, *groups))
-    _GRAPHS[signature] = GraphedLoop(body, step, contiguous, (n_x, n_c))
+    _GRAPHS[signature] = GraphedLoop(body, step, contiguous, (n_x, n_c), reverse)
     while len(_GRAPHS) > GRAPH_CACHE_SIZE:
         _GRAPHS.popitem(last=False)
     return _GRAPHS[signature](inputs)
@@ -249,8 +367,6 @@ def run_kernel(
     kernel: str, reverse: bool, step_inputs: list[Tensor], carries: list[Tensor], invariants: list[Tensor]
 ) -> list[Tensor]:
     """Every state ``(T, B, size)`` of a loop; ``reverse`` runs from t = T to 1."""
-    if reverse:
-        step_inputs = [x.flip(0) for x in step_inputs]
     if kernel in STEPS:
         (x,) = step_inputs
         if x.is_cuda:
@@ -258,13 +374,9 @@ def run_kernel(
             # RNN call costs about 10 ms of host time on an H100 machine (torch 2.11), more
             # than its device time, so the device sat idle; the graph has no host work per
             # step (experiments/results/bench-*.md).
-            states = graphed_loop(cell_body(kernel, len(invariants) == 4), [x], carries, invariants)
-        else:
-            states = run_cell_layer(kernel, x, carries, invariants)
-    elif kernel in _BODIES:
-        states = _run_body(kernel, step_inputs, carries, invariants)
-    elif kernel in _ADJOINTS:
-        states = _run_body(adjoint_kernel(kernel, step_inputs, carries, invariants), step_inputs, carries, invariants)
-    else:
-        raise KeyError(f"unknown loop kernel {kernel!r} (a step body must be registered in this process)")
-    return [s.flip(0) for s in states] if reverse else states
+            return graphed_loop(cell_body(kernel, len(invariants) == 4), [x], carries, invariants, reverse)
+        states = run_cell_layer(kernel, x.flip(0) if reverse else x, carries, invariants)
+        return [s.flip(0) for s in states] if reverse else states
+    if kernel in _BODIES:
+        return _run_body(kernel, step_inputs, carries, invariants, reverse)
+    raise KeyError(f"unknown loop kernel {kernel!r} (a step body must be registered in this process)")

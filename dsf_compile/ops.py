@@ -9,8 +9,9 @@ implementation for the device at run time.
   plain loop on CPU; :func:`reverse_linear_scan` picks the Triton kernels of
   :mod:`dsf_compile.triton_scan`, which Inductor schedules, on CUDA).
 * ``dsf::loop_states`` — every state of a loop with a known kernel (:mod:`dsf_compile.kernels`),
-  for values only: every mode supplies its gradients itself (:mod:`dsf_compile.runtime`),
-  exact BPTT's by running the loop's adjoint through this same op.
+  for values only: every mode supplies its gradients itself (:mod:`dsf_compile.runtime`).
+* ``dsf::exact_backward`` — exact BPTT's gradients of a loop: its adjoint loop, and the
+  batched VJP for its inputs and weights sharing one recomputation of the forward.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import triton_scan
-from .kernels import run_kernel
+from .kernels import differentiable, exact_gradients, run_kernel
 
 
 def reverse_linear_scan(g: Tensor, lam: Tensor, backwards: bool = True) -> Tensor:
@@ -61,19 +62,6 @@ def looped_linear_scan(g: Tensor, lam: Tensor, backwards: bool) -> Tensor:
         acc = step if acc is None else torch.addcmul(step, lam[t] if varying else lam, acc)
         delta[t] = acc
     return delta
-
-
-def differentiable(tensors) -> list[int]:
-    """Positions of the tensors that can have a gradient (floating point or complex)."""
-    return [i for i, t in enumerate(tensors) if t.is_floating_point() or t.is_complex()]
-
-
-def filled(values, slots: list[int], replacements) -> list:
-    """``values`` with ``replacements`` put at ``slots``."""
-    values = list(values)
-    for i, value in zip(slots, replacements):
-        values[i] = value
-    return values
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -139,3 +127,21 @@ def loop_states(
 def _(kernel, reverse, step_inputs, carries, invariants):
     length = step_inputs[0].shape[0]
     return [c.new_empty((length, *c.shape)) for c in carries]
+
+
+@torch.library.custom_op("dsf::exact_backward", mutates_args=())
+def exact_backward(
+    kernel: str, reverse: bool, step_inputs: list[Tensor], previous: list[Tensor], direct: list[Tensor],
+    init: list[Tensor], invariants: list[Tensor],
+) -> list[Tensor]:
+    """Exact BPTT's gradients of a loop with adjoint ``kernel``
+    (:func:`~dsf_compile.kernels.exact_gradients`): those of the initial carries, then of
+    the floating-point step inputs, then of the floating-point invariants."""
+    return [g.contiguous() for g in exact_gradients(kernel, reverse, step_inputs, previous, direct, init, invariants)]
+
+
+@exact_backward.register_fake
+def _(kernel, reverse, step_inputs, previous, direct, init, invariants):
+    like = [*init, *(step_inputs[i] for i in differentiable(step_inputs)),
+            *(invariants[i] for i in differentiable(invariants))]
+    return [t.new_empty(t.shape) for t in like]

@@ -6,13 +6,15 @@ For every mode (DESIGN.md §1–2, §7):
 2. a feedback node returns them; in its backward it turns the direct gradients ``g``
    into ``δ`` — by :func:`~dsf_compile.ops.reverse_linear_scan` with a fixed λ
    (``"dsf"``, ``"ft"``), with a λ estimated from the step's Jacobian diagonal
-   (``"dsf"`` with adaptive feedback), by Highway-BP's iterations (``"highway"``), or
-   exactly (``"bptt"``: the adjoint loop of :func:`~dsf_compile.kernels.register_adjoint`,
-   its per-step work batched over time where it reads no gradient) — then takes the VJP
-   of the step body applied to all T steps at once with the previous states shifted in
-   and held constant (``vmap`` over time): each weight gets one GEMM over T·B rows, the
-   T local VJPs being independent.  Every VJP against the states (a Hutchinson probe, a
-   highway iteration) reuses that one linearisation.
+   (``"dsf"`` with adaptive feedback) or by Highway-BP's iterations (``"highway"``) —
+   then takes the VJP of the step body applied to all T steps at once with the previous
+   states shifted in and held constant (``vmap`` over time): each weight gets one GEMM
+   over T·B rows, the T local VJPs being independent.  Every VJP against the states (a
+   Hutchinson probe, a highway iteration) reuses that one linearisation.  Exact BPTT
+   (``"bptt"``) is one op, ``dsf::exact_backward``: the adjoint loop of
+   :func:`~dsf_compile.kernels.register_adjoint` (its per-step work batched over time
+   where it reads no gradient) and the same batched VJP, both on one recomputation of
+   the forward (:func:`~dsf_compile.kernels.exact_gradients`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch import Tensor
 
 from . import ops
 from .feedback import smoothed_feedback
+from .kernels import differentiable, filled, to_receiver
 from .loop_ir import LoopIR
 from .passes.find_highway import HighwayStep
 
@@ -57,9 +60,9 @@ class DiagonalFeedback(torch.autograd.Function):
     VJP of the step body vmapped over all T steps (previous states shifted in, held
     constant) for the per-step inputs and invariants.  The initial carries get ``λ ⊙ δ_1``
     under a diagonal feedback, ``J_1ᵀ δ_1`` under Highway-BP (so that enough iterations
-    give exact BPTT) and exact BPTT.  The batched recomputation lives in the backward, so the forward is
-    the fused recurrence alone and nothing of the body is kept for the backward but its
-    inputs.
+    give exact BPTT) and exact BPTT.  The batched recomputation lives in the backward, so
+    the forward is the fused recurrence alone and nothing of the body is kept for the
+    backward but its inputs.
     """
 
     @staticmethod
@@ -78,64 +81,66 @@ class DiagonalFeedback(torch.autograd.Function):
         step_inputs = saved[n_states : n_states + n_inputs]
         init = saved[n_states + n_inputs : 2 * n_states + n_inputs]
         invariants = saved[2 * n_states + n_inputs :]
-        sizes = [s.shape[-1] for s in states]
-        g = torch.cat(grads, -1) if n_states > 1 else grads[0]
         previous = [previous_states(s, c, loop.reverse) for s, c in zip(states, init)]
-        first = -1 if loop.reverse else 0  # the step that consumed the initial carries
         # token ids, masks: inputs of the step that have no gradient
-        x_slots, w_slots = ops.differentiable(step_inputs), ops.differentiable(invariants)
-        highway = rule.mode == "highway"
-        needs_previous = highway or rule.adaptive is not None
-
-        def body_over_time(xs, ws, *prevs):
-            xs, ws = ops.filled(step_inputs, x_slots, xs), ops.filled(invariants, w_slots, ws)
-            prevs = list(prevs) if prevs else previous
-            if highway:  # the highway diagonal K comes with the step, as an auxiliary output
-                return batched_highway_body(loop, rule.highway, xs, prevs, ws)
-            return tuple(batched_body(loop, xs, prevs, ws))
-
-        primals = (tuple(step_inputs[i] for i in x_slots), tuple(invariants[i] for i in w_slots),
-                   *(previous if needs_previous else ()))
-        if highway:
-            _, vjp, decays = torch.func.vjp(body_over_time, *primals, has_aux=True)
-        else:
-            _, vjp = torch.func.vjp(body_over_time, *primals)
-
-        def pullback(cotangent: Tensor):
-            return vjp(tuple(cotangent.split(sizes, -1)))
-
-        def transposed(w: Tensor) -> Tensor:  # J_tᵀ w_t at every step, in the state it consumed
-            return torch.cat(pullback(w)[2:], -1)
-
+        x_slots, w_slots = differentiable(step_inputs), differentiable(invariants)
         if rule.mode == "bptt":
-            received = exact_received(loop, rule, g, sizes, step_inputs, previous, init, invariants)
-            delta = g + to_receiver(received, loop.reverse)
-        elif highway:
-            delta = highway_deltas(loop, rule, g, decays.to(g.dtype), transposed)
+            exact = ops.exact_backward(rule.adjoint, loop.reverse, list(step_inputs), previous, list(grads),
+                                       list(init), list(invariants))
+            init_grads = exact[:n_states]
+            x_grads, w_grads = exact[n_states : n_states + len(x_slots)], exact[n_states + len(x_slots) :]
         else:
-            if rule.adaptive is not None:
-                lam = adaptive_lam(rule, g, transposed)
-            delta = ops.reverse_linear_scan(g, lam, not loop.reverse)
-        x_grads, w_grads, *previous_grads = pullback(delta)
-        if rule.mode == "bptt":
-            init_grads = received[first].split(sizes, -1)
-        elif highway:
-            init_grads = tuple(p[first] for p in previous_grads)
-        else:
-            init_grads = (lam.to(delta.dtype) * delta[first]).split(sizes, -1)
-        step_grads = ops.filled([None] * len(step_inputs), x_slots, x_grads)
-        invariant_grads = ops.filled([None] * len(invariants), w_slots, w_grads)
+            init_grads, x_grads, w_grads = feedback_gradients(loop, rule, lam, grads, step_inputs, previous,
+                                                              invariants, (x_slots, w_slots))
+        step_grads = filled([None] * len(step_inputs), x_slots, x_grads)
+        invariant_grads = filled([None] * len(invariants), w_slots, w_grads)
         return (None, None, None, None, *([None] * n_states), *step_grads, *init_grads, *invariant_grads)
 
 
-def exact_received(loop: LoopIR, rule: GradientRule, g: Tensor, sizes: list[int], step_inputs, previous,
-                   init, invariants) -> Tensor:
-    """``e_t = J_tᵀ (g_t + e_{t+1})`` at every step (``e_{t-1}`` for a reverse-time loop):
-    the exact gradient each step passes to the state it consumed, by the adjoint loop
-    run against the loop's direction.  ``δ = g + e`` shifted to the receiving step."""
-    carried = ops.loop_states(rule.adjoint, not loop.reverse, [*step_inputs, *previous, *g.split(sizes, -1)],
-                              [torch.zeros_like(c) for c in init], list(invariants))
-    return torch.cat(carried, -1) if len(carried) > 1 else carried[0]
+def feedback_gradients(loop: LoopIR, rule: GradientRule, lam: Tensor | None, grads, step_inputs, previous,
+                       invariants, slots: tuple[list[int], list[int]]):
+    """The gradients of a loop's initial carries, differentiable step inputs and
+    invariants under an approximate rule (everything but exact BPTT): ``δ`` from the
+    direct gradients ``grads``, then one VJP of the step body vmapped over all T steps."""
+    x_slots, w_slots = slots
+    sizes = [s.shape[-1] for s in previous]
+    g = torch.cat(grads, -1) if len(grads) > 1 else grads[0]
+    first = -1 if loop.reverse else 0  # the step that consumed the initial carries
+    highway = rule.mode == "highway"
+    needs_previous = highway or rule.adaptive is not None
+
+    def body_over_time(xs, ws, *prevs):
+        xs, ws = filled(step_inputs, x_slots, xs), filled(invariants, w_slots, ws)
+        prevs = list(prevs) if prevs else previous
+        if highway:  # the highway diagonal K comes with the step, as an auxiliary output
+            return batched_highway_body(loop, rule.highway, xs, prevs, ws)
+        return tuple(batched_body(loop, xs, prevs, ws))
+
+    primals = (tuple(step_inputs[i] for i in x_slots), tuple(invariants[i] for i in w_slots),
+               *(previous if needs_previous else ()))
+    if highway:
+        _, vjp, decays = torch.func.vjp(body_over_time, *primals, has_aux=True)
+    else:
+        _, vjp = torch.func.vjp(body_over_time, *primals)
+
+    def pullback(cotangent: Tensor):
+        return vjp(tuple(cotangent.split(sizes, -1)))
+
+    def transposed(w: Tensor) -> Tensor:  # J_tᵀ w_t at every step, in the state it consumed
+        return torch.cat(pullback(w)[2:], -1)
+
+    if highway:
+        delta = highway_deltas(loop, rule, g, decays.to(g.dtype), transposed)
+    else:
+        if rule.adaptive is not None:
+            lam = adaptive_lam(rule, g, transposed)
+        delta = ops.reverse_linear_scan(g, lam, not loop.reverse)
+    x_grads, w_grads, *previous_grads = pullback(delta)
+    if highway:
+        init_grads = tuple(p[first] for p in previous_grads)
+    else:
+        init_grads = (lam.to(delta.dtype) * delta[first]).split(sizes, -1)
+    return init_grads, x_grads, w_grads
 
 
 def adaptive_lam(rule: GradientRule, g: Tensor, transposed_product) -> Tensor:
@@ -175,13 +180,6 @@ def highway_refinement(g: Tensor, w: Tensor, decays: Tensor, transposed_product,
     rest = transposed_product(w) - decays * w
     receiving = to_receiver(decays, reverse)  # K_{t+1} multiplies the δ step t receives
     return ops.reverse_linear_scan(g + to_receiver(rest, reverse), receiving, not reverse)
-
-
-def to_receiver(per_step: Tensor, reverse: bool) -> Tensor:
-    """Values computed at step t moved to the step whose δ they feed: t − 1 (t + 1 for a
-    reverse-time loop), with zeros where no step does."""
-    zero = torch.zeros_like(per_step[:1])
-    return torch.cat([zero, per_step[:-1]]) if reverse else torch.cat([per_step[1:], zero])
 
 
 def batched_highway_body(loop: LoopIR, step: HighwayStep, step_inputs, previous, invariants):

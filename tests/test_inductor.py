@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 import dsf_compile
+from dsf_compile import kernels
 from dsf_compile.models.lm import RNNLanguageModel, masked_cross_entropy
 
 from .helpers import assert_close, make_case, rel_err, run_compiled
@@ -34,6 +35,8 @@ def test_inductor_matches_aot_eager(kind, mode, options):
     assert_close(got, want, 1e-4)
     kinds = [k for k, _ in model._dsf_backend.graphs]
     assert kinds.count("forward") == 1 and kinds.count("backward") == 1
+    if mode == "bptt":  # the adjoint loop's step ran compiled by Inductor on the CPU too
+        assert any(key.startswith("adjoint:") for key, _ in kernels._COMPILED_STEPS)
 
 
 def test_language_model_trains_with_inductor():
@@ -56,9 +59,11 @@ def test_language_model_trains_with_inductor():
     assert isinstance(model.layers[0], nn.GRU)
 
 
-def test_hand_written_cell_lm_through_inductor_matches_aot_eager():
+@pytest.mark.parametrize("mode", ["dsf", "bptt"])
+def test_hand_written_cell_lm_through_inductor_matches_aot_eager(mode):
     """Re-rolled Python loops (two layers) compiled by Inductor: same gradients as the
-    AOTAutograd-only path, which the literal-reference tests cover."""
+    AOTAutograd-only path, which the literal-reference tests cover (in bptt the adjoint
+    loop's step is compiled on the CPU too)."""
     from dsf_compile.models import HandWrittenGRULM
 
     torch.manual_seed(0)
@@ -66,7 +71,7 @@ def test_hand_written_cell_lm_through_inductor_matches_aot_eager():
     tokens = torch.randint(0, 30, (3, 9))
     grads = {}
     for compiler in ("aot_eager", "inductor"):
-        model = dsf_compile.apply(copy.deepcopy(reference), "dsf", compiler=compiler)
+        model = dsf_compile.apply(copy.deepcopy(reference), mode, compiler=compiler)
         model(tokens).logsumexp(-1).mean().backward()
         assert len(dsf_compile.report(model).loops) == 2
         grads[compiler] = {n: p.grad for n, p in model.named_parameters()}

@@ -37,14 +37,27 @@ def test_rolled_loop_over_the_compiled_step_matches_torch_gru():
     assert rel_err(eager, want) <= 1e-12 and rel_err(compiled, want) <= 1e-12
 
 
+def test_rolled_loop_runs_backwards_in_place():
+    """A reverse-time loop steps from the last input to the first, reading them in place:
+    the states of torch.gru run over the flipped sequence, flipped back."""
+    key, x, h0, weights = _gru_body(T=6)
+    body = kernels._BODIES[key]
+    with torch.no_grad():
+        want = run_cell_layer("gru", x.flip(0), [h0], weights)[0].flip(0)
+        got = kernels.stepped_states(body, body.rest, [x], [h0], weights, reverse=True)[0]
+        through_kernel = kernels.run_kernel(key, True, [x], [h0], weights)[0]
+    assert rel_err(got, want) <= 1e-12 and rel_err(through_kernel, want) <= 1e-12
+    assert rel_err(got, kernels.stepped_states(body, body.rest, [x], [h0], weights)[0]) > 1e-3
+
+
 def test_compiled_step_inside_an_applied_model(monkeypatch):
     """The step compiled at run time, from inside the forward op of an applied model (as on
     CUDA), gives the eager loop's values and gradients."""
 
-    def compiled_loop(key, x_steps, carries, invariants):
+    def compiled_loop(key, x_steps, carries, invariants, reverse):
         body = kernels._BODIES[key]
         step = kernels.compiled_step(key, kernels.step_inputs_of(body, x_steps, carries, invariants))
-        return kernels.stepped_states(body, step, x_steps, carries, invariants)
+        return kernels.stepped_states(body, step, x_steps, carries, invariants, reverse)
 
     torch.manual_seed(3)
     reference = HandWrittenGRULM(20, 6, 2).double()

@@ -167,19 +167,52 @@ MATMULS = ["aten.mm", "aten.addmm", "aten.bmm"]
 @pytest.mark.parametrize("mode", ["dsf", "bptt"])
 def test_backward_graph_has_one_node_per_loop_and_no_per_step_matmuls(mode):
     """Each rewritten loop adds one node to the backward graph, whatever T: the reverse
-    scan (DSF), or the exact adjoint loop run as one kernel (bptt); the number of matrix
-    products does not grow with T.  The forward is the fused recurrence alone: the
-    batched step lives in the backward."""
+    scan (DSF), or exact BPTT's backward run as one kernel (bptt); the number of matrix
+    products in the graph does not grow with T.  The forward is the fused recurrence
+    alone: the batched step lives in the backward."""
     short, long = (_graphs_of_bidirectional_gru(T, mode) for T in (3, 12))
     for graphs in (short, long):
         assert _count(graphs["forward"], ["dsf.loop_states"]) == 4
         assert _count(graphs["forward"], MATMULS) == 0
-    per_loop = "dsf.reverse_linear_scan" if mode == "dsf" else "dsf.loop_states"
-    other = "dsf.loop_states" if mode == "dsf" else "dsf.reverse_linear_scan"
+    per_loop = "dsf.reverse_linear_scan" if mode == "dsf" else "dsf.exact_backward"
+    others = ["dsf.loop_states", "dsf.exact_backward" if mode == "dsf" else "dsf.reverse_linear_scan"]
     for graphs in (short, long):
         assert _count(graphs["backward"], [per_loop]) == 4
-        assert _count(graphs["backward"], [other]) == 0
-    assert _count(long["backward"], MATMULS) == _count(short["backward"], MATMULS) > 0
+        assert _count(graphs["backward"], others) == 0
+    assert _count(long["backward"], MATMULS) == _count(short["backward"], MATMULS)
+    if mode == "dsf":  # (exact mode's batched VJP runs inside its node)
+        assert _count(short["backward"], MATMULS) > 0
+
+
+def _backward_matmuls(mode: str, T: int) -> int:
+    """Matrix products run by the backward of one applied nn.GRU layer (inside the
+    rewrites' own kernels too), read off the profiler at the second call (the first
+    traces the step's adjoint for these shapes).  Only the innermost calls count: under
+    ``vmap`` the profiler also records each op at its per-example shapes, around the
+    batched call that runs."""
+    torch.manual_seed(0)
+    model = dsf_compile.apply(nn.GRU(4, 6).double(), mode=mode, compiler="aot_eager", dynamic=False)
+    x = torch.randn(T, 3, 4, dtype=torch.float64, requires_grad=True)
+    model(x)[0].pow(2).sum().backward()
+    loss = model(x)[0].pow(2).sum()
+    with torch.profiler.profile() as profile:
+        loss.backward()
+    names = ("aten::mm", "aten::addmm", "aten::bmm")
+
+    def inner_matmuls(event) -> int:
+        below = sum(inner_matmuls(child) for child in event.cpu_children)
+        return below or int(event.name in names)
+
+    return sum(inner_matmuls(event) for event in profile.events() if event.cpu_parent is None)
+
+
+def test_exact_backward_costs_dsfs_matmuls_plus_one_per_step():
+    """Exact mode's backward is DSF's (one batched recomputation of the step's forward,
+    then one batched VJP) plus the adjoint loop's one product with the recurrent weights
+    per step: the recomputation serves both the adjoint loop and the VJP, it is not done
+    twice."""
+    for T in (4, 9):
+        assert _backward_matmuls("bptt", T) == _backward_matmuls("dsf", T) + T
 
 
 def test_past_dynamos_recompile_limit_calls_run_eagerly_and_say_so(monkeypatch, recwarn):
