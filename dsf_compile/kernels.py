@@ -135,7 +135,7 @@ def adjoint_parts(key: str, step_inputs: list[Tensor], carries: list[Tensor], in
         sequential.eliminate_dead_code()
         _BODIES[name] = HoistedBody(None, torch.fx.GraphModule(hoisted.rest, sequential))
         # the new states, if the per-step part computes them all: placeholders of the rest
-        per_step = [n for n in output.graph.nodes if n.op == "placeholder"][: -len(carries) - len(invariants) or None]
+        per_step = [n for n in sequential.nodes if n.op == "placeholder"][: -len(carries) - len(invariants)]
         states = values[len(carries) :]
         shared = hoisted.pre is not None and all(s in per_step for s in states)
         slots = [per_step.index(s) for s in states] if shared else None
@@ -161,7 +161,8 @@ def exact_gradients(
     weight over T·B rows)."""
     with eager_dispatch():
         loop_inputs = [*step_inputs, *previous, *direct]
-        parts = adjoint_parts(key, loop_inputs, [torch.zeros_like(c) for c in init], invariants)
+        zeros = [torch.zeros_like(c) for c in init]  # e after the last step
+        parts = adjoint_parts(key, loop_inputs, zeros, invariants)
         x_slots, w_slots = differentiable(step_inputs), differentiable(invariants)
         n_x = len(step_inputs)
         in_dims = (0,) * len(loop_inputs) + (None,) * len(invariants)
@@ -181,7 +182,6 @@ def exact_gradients(
 
         primals = (tuple(step_inputs[i] for i in x_slots), tuple(invariants[i] for i in w_slots))
         _, pullback, hoisted = torch.func.vjp(forward, *primals, has_aux=True)
-        zeros = [torch.zeros_like(c) for c in init]
         received = run_kernel(parts.name, not reverse, list(hoisted), zeros, invariants)
         deltas = [g + to_receiver(e, reverse) for g, e in zip(direct, received)]
         x_grads, w_grads = pullback(tuple(deltas))

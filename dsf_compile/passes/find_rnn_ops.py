@@ -45,13 +45,18 @@ class RecurrentOpSite:
 
     @property
     def weights_per_loop(self) -> int:
-        return 4 if self.has_biases else 2
+        return weights_per_loop(self.has_biases)
+
+
+def weights_per_loop(has_biases: bool) -> int:
+    """Weights of one (layer, direction): two matrices and two biases, or just the matrices."""
+    return 4 if has_biases else 2
 
 
 def weight_count(has_biases: bool, num_layers: int, bidirectional: bool) -> int:
     """Length of a fused RNN op's weight list without ``proj_size``: one set per (layer,
-    direction), two matrices and two biases or just the matrices."""
-    return num_layers * (2 if bidirectional else 1) * (4 if has_biases else 2)
+    direction)."""
+    return num_layers * (2 if bidirectional else 1) * weights_per_loop(has_biases)
 
 
 def _example(node) -> torch.Tensor | None:
@@ -73,7 +78,6 @@ def _site_or_reason(node: torch.fx.Node, kind: str) -> RecurrentOpSite | str:
         return "packed sequence input (PackedSequence) is not supported; pad the batch instead"
     x, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first = args
     directions = 2 if bidirectional else 1
-    per_loop = 4 if has_biases else 2
     if len(params) != weight_count(has_biases, num_layers, bidirectional):
         return "LSTM with proj_size is not supported" if kind == "lstm" else "unexpected weight list"
     example = _example(x)
@@ -103,7 +107,7 @@ def _site_or_reason(node: torch.fx.Node, kind: str) -> RecurrentOpSite | str:
                     carry_names=carries,
                     carry_sizes=(hidden,) * len(carries),
                     num_step_inputs=1,
-                    num_invariants=per_loop,
+                    num_invariants=weights_per_loop(has_biases),
                     reverse=reverse,
                     origin=what,
                     source=source,
