@@ -15,7 +15,7 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
 
 from .feedback import Feedback, check_feedback_option, register_estimates, resolve_feedback, summarize
-from .kernels import register_adjoint
+from .kernels import register_adjoint, register_products
 from .loop_ir import LeftExact, LoopIR
 from .passes.find_nested_loops import find_nested_loops
 from .passes.find_python_loops import find_python_loops
@@ -161,10 +161,9 @@ class DSFBackend:
 
     def rule_for(self, loop: LoopIR) -> GradientRule:
         """How ``loop``'s backward forms its state gradients under this backend's options."""
+        compile_step = self.compiler == "inductor"
         if self.mode == "bptt":
-            return GradientRule("bptt", adjoint=register_adjoint(loop, compile_step=self.compiler == "inductor"))
-        if self.mode == "ft":
-            return GradientRule("ft", lam=(0.0,) * loop.state_size)
+            return GradientRule("bptt", adjoint=register_adjoint(loop, compile_step=compile_step))
         if self.mode == "highway":
             rule = highway_rule(loop, self.iterations)
             if rule is None:
@@ -175,12 +174,19 @@ class DSFBackend:
                     "Train it with mode='dsf' (feedback='adaptive' estimates its Jacobian's diagonal)."
                 )
             return rule
+        # a diagonal feedback's backward is one VJP of the batched step: it reuses the
+        # forward's products with the weights instead of recomputing them
+        products = register_products(loop, compile_step=compile_step)
+        if self.mode == "ft":
+            return GradientRule("ft", lam=(0.0,) * loop.state_size, products=products)
         if self._adaptive:
-            return GradientRule("dsf", adaptive=f"{self._key}/{loop.name}", momentum=self.momentum)
+            return GradientRule("dsf", adaptive=f"{self._key}/{loop.name}", momentum=self.momentum,
+                                products=products)
         # The seed is tied to the loop's name, not to discovery order, so λ survives
         # recompilation (a new sequence length) and graph breaks unchanged.
         seed = self.seed + zlib.crc32(loop.name.encode())
-        return GradientRule("dsf", lam=tuple(resolve_feedback(self.feedback, loop, seed).tolist()))
+        lam = tuple(resolve_feedback(self.feedback, loop, seed).tolist())
+        return GradientRule("dsf", lam=lam, products=products)
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> Callable:
         restore_torch_calls(gm)

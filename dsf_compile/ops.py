@@ -9,7 +9,8 @@ implementation for the device at run time.
   plain loop on CPU; :func:`reverse_linear_scan` picks the Triton kernels of
   :mod:`dsf_compile.triton_scan`, which Inductor schedules, on CUDA).
 * ``dsf::loop_states`` — every state of a loop with a known kernel (:mod:`dsf_compile.kernels`),
-  for values only: every mode supplies its gradients itself (:mod:`dsf_compile.runtime`).
+  for values only: every mode supplies its gradients itself (:mod:`dsf_compile.runtime`);
+  with the step's products too where the backward reuses them.
 * ``dsf::exact_backward`` — exact BPTT's gradients of a loop: its adjoint loop, and the
   batched VJP for its inputs and weights sharing one recomputation of the forward.
 """
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import triton_scan
-from .kernels import differentiable, exact_gradients, run_kernel
+from .kernels import differentiable, exact_gradients, extra_outputs, run_kernel
 
 
 def reverse_linear_scan(g: Tensor, lam: Tensor, backwards: bool = True) -> Tensor:
@@ -118,7 +119,9 @@ def loop_states(
     kernel: str, reverse: bool, step_inputs: list[Tensor], carries: list[Tensor], invariants: list[Tensor]
 ) -> list[Tensor]:
     """Every carried value ``(T, B, size)`` of a loop, by the eager kernel ``kernel``
-    (values only: no gradient flows through this op)."""
+    (values only: no gradient flows through this op), then whatever else the kernel
+    returns at every step (the products a :func:`~dsf_compile.kernels.register_products`
+    kernel keeps for the backward)."""
     with torch.no_grad():
         return [s.contiguous() for s in run_kernel(kernel, reverse, step_inputs, carries, invariants)]
 
@@ -126,7 +129,8 @@ def loop_states(
 @loop_states.register_fake
 def _(kernel, reverse, step_inputs, carries, invariants):
     length = step_inputs[0].shape[0]
-    return [c.new_empty((length, *c.shape)) for c in carries]
+    extra = extra_outputs(kernel, step_inputs, carries, invariants)
+    return [c.new_empty((length, *c.shape)) for c in [*carries, *extra]]
 
 
 @torch.library.custom_op("dsf::exact_backward", mutates_args=())

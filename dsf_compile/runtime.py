@@ -26,7 +26,7 @@ from torch import Tensor
 
 from . import ops
 from .feedback import smoothed_feedback
-from .kernels import differentiable, filled, to_receiver
+from .kernels import SavedProducts, differentiable, filled, to_receiver
 from .loop_ir import LoopIR
 from .passes.find_highway import HighwayStep
 
@@ -40,7 +40,9 @@ class GradientRule:
     ``mode``: ``"dsf"``/``"ft"`` (a diagonal feedback: ``lam``, fixed, or estimated at each
     backward when ``adaptive`` names where the estimate is kept), ``"highway"``
     (``iterations`` refinements of the highway scan; ``highway`` runs the step with each
-    carry's ``K``) or ``"bptt"`` (exact, by the loop's ``adjoint`` kernel).
+    carry's ``K``) or ``"bptt"`` (exact, by the loop's ``adjoint`` kernel).  ``products``:
+    the step's products with its weights, kept by the forward for a diagonal feedback's
+    backward to reuse instead of recomputing them (None: the step has none).
     """
 
     mode: str
@@ -50,6 +52,7 @@ class GradientRule:
     iterations: int = 0
     highway: HighwayStep | None = None
     adjoint: str | None = None
+    products: SavedProducts | None = None
 
 
 class DiagonalFeedback(torch.autograd.Function):
@@ -66,8 +69,9 @@ class DiagonalFeedback(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, loop: LoopIR, rule: GradientRule, lam: Tensor | None, counts: tuple[int, int], *tensors: Tensor):
-        n_states, _ = counts
+    def forward(ctx, loop: LoopIR, rule: GradientRule, lam: Tensor | None, counts: tuple[int, int, int],
+                *tensors: Tensor):
+        n_states = counts[0]
         ctx.loop, ctx.rule, ctx.counts = loop, rule, counts
         ctx.save_for_backward(lam, *tensors)
         return tuple(t.view_as(t) for t in tensors[:n_states])
@@ -75,12 +79,13 @@ class DiagonalFeedback(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: Tensor):
         loop, rule = ctx.loop, ctx.rule
-        n_states, n_inputs = ctx.counts
+        n_states, n_inputs, n_products = ctx.counts
         lam, *saved = ctx.saved_tensors
         states = saved[:n_states]
         step_inputs = saved[n_states : n_states + n_inputs]
         init = saved[n_states + n_inputs : 2 * n_states + n_inputs]
-        invariants = saved[2 * n_states + n_inputs :]
+        invariants = saved[2 * n_states + n_inputs : len(saved) - n_products]
+        products = saved[len(saved) - n_products :]
         previous = [previous_states(s, c, loop.reverse) for s, c in zip(states, init)]
         # token ids, masks: inputs of the step that have no gradient
         x_slots, w_slots = differentiable(step_inputs), differentiable(invariants)
@@ -91,17 +96,20 @@ class DiagonalFeedback(torch.autograd.Function):
             x_grads, w_grads = exact[n_states : n_states + len(x_slots)], exact[n_states + len(x_slots) :]
         else:
             init_grads, x_grads, w_grads = feedback_gradients(loop, rule, lam, grads, step_inputs, previous,
-                                                              invariants, (x_slots, w_slots))
+                                                              invariants, (x_slots, w_slots), products)
         step_grads = filled([None] * len(step_inputs), x_slots, x_grads)
         invariant_grads = filled([None] * len(invariants), w_slots, w_grads)
-        return (None, None, None, None, *([None] * n_states), *step_grads, *init_grads, *invariant_grads)
+        return (None, None, None, None, *([None] * n_states), *step_grads, *init_grads, *invariant_grads,
+                *([None] * n_products))
 
 
 def feedback_gradients(loop: LoopIR, rule: GradientRule, lam: Tensor | None, grads, step_inputs, previous,
-                       invariants, slots: tuple[list[int], list[int]]):
+                       invariants, slots: tuple[list[int], list[int]], products=()):
     """The gradients of a loop's initial carries, differentiable step inputs and
     invariants under an approximate rule (everything but exact BPTT): ``δ`` from the
-    direct gradients ``grads``, then one VJP of the step body vmapped over all T steps."""
+    direct gradients ``grads``, then one VJP of the step body vmapped over all T steps
+    (reading the step's ``products`` kept by the forward, if there are any, instead of
+    recomputing them)."""
     x_slots, w_slots = slots
     sizes = [s.shape[-1] for s in previous]
     g = torch.cat(grads, -1) if len(grads) > 1 else grads[0]
@@ -114,6 +122,8 @@ def feedback_gradients(loop: LoopIR, rule: GradientRule, lam: Tensor | None, gra
         prevs = list(prevs) if prevs else previous
         if highway:  # the highway diagonal K comes with the step, as an auxiliary output
             return batched_highway_body(loop, rule.highway, xs, prevs, ws)
+        if products:
+            return tuple(batched_body(loop, xs, prevs, ws, rule.products.body, products))
         return tuple(batched_body(loop, xs, prevs, ws))
 
     primals = (tuple(step_inputs[i] for i in x_slots), tuple(invariants[i] for i in w_slots),
@@ -210,10 +220,13 @@ def previous_states(states: Tensor, init: Tensor, reverse: bool) -> Tensor:
     return torch.cat([init[None], states[:-1]])
 
 
-def batched_body(loop: LoopIR, step_inputs: list[Tensor], previous: list[Tensor], invariants: list[Tensor]):
-    """The step body applied to every step at once (time is the vmapped dim 0)."""
-    in_dims = (0,) * (len(step_inputs) + len(previous)) + (None,) * len(invariants)
-    return torch.func.vmap(loop.body, in_dims=in_dims)(*step_inputs, *previous, *invariants)
+def batched_body(loop: LoopIR, step_inputs: list[Tensor], previous: list[Tensor], invariants: list[Tensor],
+                 body: torch.fx.GraphModule | None = None, per_step: tuple[Tensor, ...] = ()):
+    """The step body (``loop``'s, or ``body`` taking ``per_step``'s slices after its own
+    inputs) applied to every step at once (time is the vmapped dim 0)."""
+    in_dims = (0,) * (len(step_inputs) + len(previous)) + (None,) * len(invariants) + (0,) * len(per_step)
+    body = loop.body if body is None else body
+    return torch.func.vmap(body, in_dims=in_dims)(*step_inputs, *previous, *invariants, *per_step)
 
 
 def run_loop(
@@ -225,15 +238,26 @@ def run_loop(
 ) -> list[Tensor]:
     """All states ``(T, B, size)`` of ``loop``, one per carry, with ``rule``'s gradients.
 
-    A fixed λ enters the traced program as floats turned into a tensor inside it (a
-    tensor captured from the backend would be a real tensor among fake ones), in float32
-    even for 16-bit models, whose rounding would turn decays near 1 into 1."""
+    On a CPU, where ``rule`` keeps the step's products, the forward runs the step body
+    that returns them (stepped, compiled by Inductor under ``compiler="inductor"``) in
+    place of the loop's own kernel (torch's fused RNN op for nn.RNN/GRU/LSTM, which keeps
+    none of them).  On CUDA the loop's own kernel runs and the backward recomputes them:
+    keeping them there has not been measured.
+
+    A fixed λ enters the traced program as floats turned into a tensor inside it (a tensor
+    captured from the backend would be a real tensor among fake ones), in float32 even for
+    16-bit models, whose rounding would turn decays near 1 into 1."""
     kernel = loop.forward_kernel
     reference = init_carries[0]
     lam = None
     if rule.lam is not None:
         lam = torch.tensor(rule.lam, dtype=ops.accumulator_dtype(reference.dtype), device=reference.device)
+    keep_products = rule.products is not None and reference.device.type == "cpu"
+    if keep_products:
+        kernel = rule.products.kernel
     detached = [[t.detach() for t in group] for group in (step_inputs, init_carries, invariants)]
-    states = ops.loop_states(kernel, loop.reverse, *detached)
-    counts = (len(states), len(step_inputs))  # the rest of the tensors are invariants
-    return list(DiagonalFeedback.apply(loop, rule, lam, counts, *states, *step_inputs, *init_carries, *invariants))
+    outputs = ops.loop_states(kernel, loop.reverse, *detached)
+    states, products = outputs[: len(init_carries)], outputs[len(init_carries) :]
+    counts = (len(states), len(step_inputs), len(products))
+    return list(DiagonalFeedback.apply(loop, rule, lam, counts, *states, *step_inputs, *init_carries, *invariants,
+                                       *products))

@@ -206,13 +206,15 @@ def _backward_matmuls(mode: str, T: int) -> int:
     return sum(inner_matmuls(event) for event in profile.events() if event.cpu_parent is None)
 
 
-def test_exact_backward_costs_dsfs_matmuls_plus_one_per_step():
-    """Exact mode's backward is DSF's (one batched recomputation of the step's forward,
-    then one batched VJP) plus the adjoint loop's one product with the recurrent weights
-    per step: the recomputation serves both the adjoint loop and the VJP, it is not done
-    twice."""
+def test_backward_matmul_counts():
+    """DSF's backward reuses the forward's products with the weights: it runs only the
+    three gradient GEMMs over T·B rows (the input's, W_ih's and W_hh's), whatever T.
+    Exact mode's recomputes the step's forward once (its two products), shared by the
+    adjoint loop and the same batched VJP, plus the adjoint loop's one product with the
+    recurrent weights per step: the recomputation is not done twice."""
     for T in (4, 9):
-        assert _backward_matmuls("bptt", T) == _backward_matmuls("dsf", T) + T
+        assert _backward_matmuls("dsf", T) == 3
+        assert _backward_matmuls("bptt", T) == 2 + 3 + T
 
 
 def test_past_dynamos_recompile_limit_calls_run_eagerly_and_say_so(monkeypatch, recwarn):
