@@ -310,11 +310,13 @@ def written_states(
     step, read, likes = writing_step(key, [*(x[0] for x in x_steps), *carries, *invariants], passed, len(x_steps))
     outputs = [x_steps[passed[i]] if i in passed else like.new_empty((length, *like.shape))
                for i, like in enumerate(likes)]
-    written = [o for i, o in enumerate(outputs) if i not in passed]
-    x_steps = [x_steps[i] for i in read]
+    # every step's slices made at once: a Python-level index per slice would cost more
+    x_slices = [x_steps[i].unbind(0) for i in read]
+    written = [o.unbind(0) for i, o in enumerate(outputs) if i not in passed]
+    carried = [o.unbind(0) for o in outputs[:n_c]]
     for t in range(length - 1, -1, -1) if reverse else range(length):
-        step(*(x[t] for x in x_steps), *carries, *invariants, *(o[t] for o in written))
-        carries = [o[t] for o in outputs[:n_c]]
+        step(*(x[t] for x in x_slices), *carries, *invariants, *(o[t] for o in written))
+        carries = [c[t] for c in carried]
     return outputs
 
 
