@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from dsf_compile import kernels
 from dsf_compile.cells import trace_step
 from dsf_compile.loop_ir import LoopIR
-from dsf_compile.passes.save_products import find_products, forward_body
+from dsf_compile.passes.save_products import find_products, forward_body, reuse_product
 
 from .helpers import assert_close, rel_err
 
@@ -167,3 +167,18 @@ def test_reusing_body_reads_the_saved_values():
     other = torch.randn(init[0].shape, dtype=torch.float64)
     (value,) = saved.body(xs[0][0], init[0], *weights, other)
     assert rel_err(value, other + xs[0][0]) <= 1e-15
+
+
+def test_reused_product_gradients_take_their_inputs_dtypes():
+    """A 16-bit product of float32 weights (autocast's): each gradient in its input's
+    dtype, equal to autograd's through the product computed in float32."""
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(6, 3, 4, generator=gen).to(torch.bfloat16).requires_grad_()
+    weight = torch.randn(5, 4, generator=gen, requires_grad=True)
+    bias = torch.randn(5, generator=gen, requires_grad=True)
+    grad = torch.randn(6, 3, 5, generator=gen).to(torch.bfloat16)
+    saved = F.linear(a.float(), weight, bias).to(torch.bfloat16).detach()
+    got = torch.autograd.grad(reuse_product(saved, a, weight, bias, True), (a, weight, bias), grad)
+    want = torch.autograd.grad(F.linear(a.float(), weight, bias), (a, weight, bias), grad.float())
+    for g, w, t in zip(got, want, (a, weight, bias)):
+        assert g.dtype == t.dtype and rel_err(g.float(), w.float()) <= 1e-2

@@ -121,7 +121,10 @@ def reusing_body(body: torch.fx.GraphModule, products: list[Product]) -> torch.f
 
 
 def reuse_product(saved: Tensor, a: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool) -> Tensor:
-    """:class:`ReuseProduct` as a function a graph can name."""
+    """:class:`ReuseProduct` as a function a graph can name; a product with a vector (no
+    matrix to take the gradient of) is recomputed."""
+    if weight.dim() != 2:
+        return recomputed_product(a, weight, bias, transposed)
     return ReuseProduct.apply(saved, a, weight, bias, transposed)
 
 
@@ -144,22 +147,26 @@ class ReuseProduct(torch.autograd.Function):
     def setup_context(ctx, inputs, output) -> None:
         _, a, weight, bias, transposed = inputs
         ctx.save_for_backward(a, weight)
-        ctx.bias_shape = None if bias is None else bias.shape
+        ctx.bias = None if bias is None else (bias.shape, bias.dtype)
         ctx.transposed = transposed
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         a, weight = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        right = weight.mT if ctx.transposed else weight
-        grad_a = grad @ right.mT if needs[1] else None
+        # in the widest of the dtypes met (a 16-bit product of float32 weights under
+        # autocast), each gradient returned in its input's dtype
+        dtype = torch.promote_types(torch.promote_types(grad.dtype, a.dtype), weight.dtype)
+        grad, right = grad.to(dtype), (weight.mT if ctx.transposed else weight).to(dtype)
+        grad_a = (grad @ right.mT).to(a.dtype) if needs[1] else None
         grad_weight = None
         if needs[2]:
-            grad_right = a.reshape(-1, a.shape[-1]).mT @ grad.reshape(-1, grad.shape[-1])
-            grad_weight = grad_right.mT if ctx.transposed else grad_right
+            grad_right = a.reshape(-1, a.shape[-1]).to(dtype).mT @ grad.reshape(-1, grad.shape[-1])
+            grad_weight = (grad_right.mT if ctx.transposed else grad_right).to(weight.dtype)
         grad_bias = None
-        if ctx.bias_shape is not None and needs[3]:
-            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).sum_to_size(ctx.bias_shape)
+        if ctx.bias is not None and needs[3]:
+            shape, bias_dtype = ctx.bias
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).sum_to_size(shape).to(bias_dtype)
         return None, grad_a, grad_weight, grad_bias, None
 
     @staticmethod
