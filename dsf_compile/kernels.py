@@ -3,9 +3,12 @@
 A loop's ``forward_kernel`` is either the name of a cell of :mod:`dsf_compile.cells`
 (nn.RNN/GRU/LSTM) or the key of a registered step body, run as a rolled loop: its
 input-only part hoisted and done for all T at once, then the recurrent rest stepped T
-times (on CUDA compiled by Inductor and replayed as one CUDA graph).  A cell runs as
-torch's fused op, except on CUDA, where its step body runs as such a graphed loop:
-faster than cuDNN there, whose host-side cost per call idles the device.  Kernels are
+times (on CUDA compiled by Inductor and replayed as one CUDA graph; on a CPU compiled
+too where registered so, writing into the buffers of all T).  A cell runs as torch's
+fused op, except on CUDA, where its step body runs as such a graphed loop: faster than
+cuDNN there, whose host-side cost per call idles the device; and where the backward
+reuses the step's products (:func:`register_products`), which the fused op does not
+keep.  Kernels are
 asked for values only; the rewrites supply every mode's gradients themselves, exact
 BPTT's by the adjoint loop of :func:`register_adjoint` (:func:`exact_gradients`).
 """

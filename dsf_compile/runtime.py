@@ -9,8 +9,11 @@ For every mode (DESIGN.md §1–2, §7):
    (``"dsf"`` with adaptive feedback) or by Highway-BP's iterations (``"highway"``) —
    then takes the VJP of the step body applied to all T steps at once with the previous
    states shifted in and held constant (``vmap`` over time): each weight gets one GEMM
-   over T·B rows, the T local VJPs being independent.  Every VJP against the states (a
-   Hutchinson probe, a highway iteration) reuses that one linearisation.  Exact BPTT
+   over T·B rows, the T local VJPs being independent.  On a CPU a diagonal feedback's
+   VJP reads the step's products with the weights, kept by the forward
+   (:mod:`dsf_compile.passes.save_products`), instead of recomputing them.  Every VJP
+   against the states (a Hutchinson probe, a highway iteration) reuses that one
+   linearisation.  Exact BPTT
    (``"bptt"``) is one op, ``dsf::exact_backward``: the adjoint loop of
    :func:`~dsf_compile.kernels.register_adjoint` (its per-step work batched over time
    where it reads no gradient) and the same batched VJP, both on one recomputation of
