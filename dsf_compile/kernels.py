@@ -35,7 +35,7 @@ _BODIES: dict[str, HoistedBody] = {}
 _ADJOINTS: dict[str, tuple[torch.fx.GraphModule, int, int]] = {}
 _ADJOINT_PARTS: dict[str, AdjointParts] = {}
 _COMPILED_STEPS: dict[tuple, Callable] = {}
-_WRITING_STEPS: dict[tuple, tuple[Callable, list[Tensor]]] = {}
+_WRITING_STEPS: dict[tuple, tuple[Callable, list[int], list[Tensor]]] = {}
 # kernels whose sequential step runs compiled by Inductor on a CPU too
 _COMPILED_ON_CPU: set[str] = set()
 # One graph holds its loop's buffers: keep those of the few latest signatures (shapes).
@@ -106,8 +106,7 @@ def extra_outputs(kernel: str, step_inputs: list[Tensor], carries: list[Tensor],
     of a :func:`register_products` kernel), computed from step 0: their shapes and dtypes,
     for the kernel's fake implementation."""
     body = _BODIES.get(kernel)
-    output = None if body is None else next(n for n in body.rest.graph.nodes if n.op == "output")
-    if output is None or len(output.args[0]) == len(carries):
+    if body is None or len(step_outputs(body.rest)) == len(carries):
         return []
     first = [x[0] for x in step_inputs]
     hoisted = first if body.pre is None else list(body.pre(*first, *invariants))
@@ -301,10 +300,10 @@ def written_states(
 ) -> list[Tensor]:
     """Every output of body ``key`` at every step, on a CPU: the input-only part done for
     all T at once, then T calls of the recurrent part compiled by Inductor to write each
-    step's outputs straight into slices of ``(T, ...)`` buffers.  Stacking T separate
-    results afterwards would cost one more pass over memory: a GRU layer at T=256, B=16,
-    H=256 with its products kept took 49 ms that way, 41 ms written in place (torch.gru,
-    which keeps none of them: 40 ms)."""
+    step's outputs straight into slices of ``(T, ...)`` buffers, instead of stacking T
+    separate results afterwards, one more pass over memory.  A GRU layer at T=256, B=16,
+    H=256 with its products kept: 49–54 ms stacked, 48–49 ms written in place (torch.gru,
+    which keeps none of them: 43–45 ms; medians of 30 calls in turns, two runs)."""
     body = _BODIES[key]
     x_steps = hoisted_inputs(body, x_steps, invariants)
     carries = [c.contiguous() for c in carries]  # later steps read slices of contiguous buffers
@@ -374,11 +373,10 @@ def stepped_states(
     x_steps = hoisted_inputs(body, x_steps, invariants)
     length, n_c = x_steps[0].shape[0], len(carries)
     passed = passed_through(body.rest, len(x_steps))
-    outputs: list[list[Tensor]] = []
+    outputs: list[list[Tensor]] = [[] for _ in step_outputs(body.rest)]
     for t in range(length - 1, -1, -1) if reverse else range(length):
         values = step(*(x[t] for x in x_steps), *carries, *invariants)
         carries = list(values[:n_c])
-        outputs = outputs or [[] for _ in values]
         for i, (seq, value) in enumerate(zip(outputs, values)):
             if i not in passed:
                 seq.append(value)
@@ -391,8 +389,12 @@ def passed_through(rest: torch.fx.GraphModule, num_hoisted: int) -> dict[int, in
     backward but computed before the loop), by position: the input, not T slices stacked
     again."""
     placeholders = [n for n in rest.graph.nodes if n.op == "placeholder"][:num_hoisted]
-    output = next(n for n in rest.graph.nodes if n.op == "output")
-    return {i: placeholders.index(v) for i, v in enumerate(output.args[0]) if v in placeholders}
+    return {i: placeholders.index(v) for i, v in enumerate(step_outputs(rest)) if v in placeholders}
+
+
+def step_outputs(rest: torch.fx.GraphModule) -> tuple:
+    """The values a step graph returns (its new carries first)."""
+    return next(n for n in rest.graph.nodes if n.op == "output").args[0]
 
 
 def compiled_step(key: str, example_inputs: list[Tensor]) -> Callable:

@@ -68,7 +68,7 @@ def _as_product(node: torch.fx.Node):
     added by the same op), else None."""
     args, kwargs = node.args, node.kwargs
     if node.op == "call_function" and node.target in _LINEAR:
-        if len(args) + len(kwargs) > 3 or not isinstance(args[0], torch.fx.Node):
+        if len(args) + len(kwargs) > 3 or not args or not isinstance(args[0], torch.fx.Node):
             return None
         weight = args[1] if len(args) > 1 else kwargs.get("weight")
         bias = args[2] if len(args) > 2 else kwargs.get("bias")
