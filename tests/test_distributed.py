@@ -6,7 +6,12 @@ not change it."""
 
 from __future__ import annotations
 
+import faulthandler
+import os
+import signal
 import sys
+import time
+import warnings
 from datetime import timedelta
 
 import pytest
@@ -25,6 +30,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 BATCH, LENGTH, VOCAB = 4, 6, 7
+# A worker normally finishes in seconds.  Past this the run is taken as hung: CI must end
+# with a verdict, never wait on a stuck process.
+DEADLINE_S = 120
 
 
 class _LM(nn.Module):
@@ -49,8 +57,11 @@ def _loss(model, tokens, targets):
 
 
 def _worker(rank: int, init: str, wrapping: str, out: str) -> None:
+    # the parent asks for every thread's stack with SIGUSR1 before it kills a hung worker
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     # a stuck collective fails the test within a minute instead of hanging it
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    _reached(out, rank, "grouped")
     try:
         torch.manual_seed(0)
         model = _LM().double()
@@ -76,8 +87,41 @@ def _worker(rank: int, init: str, wrapping: str, out: str) -> None:
             torch.save({"grads": grads, "loops": [loop.rewrite for loop in report.loops],
                         "breaks": report.graph_breaks, "eager": report.eager_calls}, out)
         dist.barrier()  # neither rank tears the group down while the other still uses it
+        _reached(out, rank, "trained")
     finally:
         dist.destroy_process_group()
+
+
+def _reached(out: str, rank: int, phase: str) -> None:
+    open(f"{out}.{phase}{rank}", "w").close()
+
+
+def _run_workers(wrapping: str, out) -> None:
+    """Runs the two workers to the end, or to ``DEADLINE_S``.  A run that times out is told
+    apart by how far the workers got: no process group formed is this machine's gloo, not
+    the rewrite (skip, saying so); both ranks done but not exited is torch's teardown, and
+    rank 0's saved gradients are still checked; stuck in between fails, with every
+    thread's stack of both workers in the captured output."""
+    context = mp.start_processes(_worker, args=(f"file://{out}.init", wrapping, str(out)), nprocs=2, join=False)
+    deadline = time.monotonic() + DEADLINE_S
+    while not context.join(timeout=max(0.0, deadline - time.monotonic())):
+        if time.monotonic() < deadline:
+            continue
+        for process in context.processes:
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGUSR1)
+        time.sleep(2)  # the stacks are written before the workers are killed
+        for process in context.processes:
+            process.kill()
+            process.join()
+        phases = {phase: all(os.path.exists(f"{out}.{phase}{rank}") for rank in range(2))
+                  for phase in ("grouped", "trained")}
+        if phases["trained"]:
+            warnings.warn(f"{wrapping}: both workers finished but did not exit in {DEADLINE_S} s; killed", stacklevel=2)
+            return
+        if not phases["grouped"]:
+            pytest.skip(f"gloo could not form a group of 2 processes on this machine in {DEADLINE_S} s")
+        pytest.fail(f"{wrapping}: the workers hung after forming their process group (stacks above)")
 
 
 @pytest.mark.parametrize("wrapping", ["ddp", "fsdp-model", "fsdp-rnn"])
@@ -85,7 +129,7 @@ def test_data_parallel_gradients_equal_one_process_on_the_full_batch(tmp_path, w
     if wrapping != "ddp":
         pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 (fully_shard) needs torch >= 2.6")
     out = tmp_path / "rank0.pt"
-    mp.spawn(_worker, args=(f"file://{tmp_path / 'init'}", wrapping, str(out)), nprocs=2)
+    _run_workers(wrapping, out)
     found = torch.load(out)
     assert found["loops"] == ["dsf", "dsf"] and not found["breaks"] and not found["eager"]
 
