@@ -9,6 +9,7 @@ from __future__ import annotations
 import faulthandler
 import os
 import signal
+import socket
 import sys
 import time
 import warnings
@@ -59,6 +60,9 @@ def _loss(model, tokens, targets):
 def _worker(rank: int, init: str, wrapping: str, out: str) -> None:
     # the parent asks for every thread's stack with SIGUSR1 before it kills a hung worker
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # the peers talk over loopback: the machine's hostname need not resolve (CI has no network)
+    if any(name == "lo" for _, name in socket.if_nameindex()):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     # a stuck collective fails the test within a minute instead of hanging it
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2, timeout=timedelta(seconds=60))
     _reached(out, rank, "grouped")
