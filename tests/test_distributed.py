@@ -96,8 +96,16 @@ def _worker(rank: int, init: str, wrapping: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+def _marker(out, phase: str, rank: int) -> str:
+    return f"{out}.{phase}{rank}"
+
+
 def _reached(out: str, rank: int, phase: str) -> None:
-    open(f"{out}.{phase}{rank}", "w").close()
+    open(_marker(out, phase, rank), "w").close()
+
+
+def _all_reached(out, phase: str) -> bool:
+    return all(os.path.exists(_marker(out, phase, rank)) for rank in range(2))
 
 
 def _run_workers(wrapping: str, out) -> None:
@@ -108,24 +116,22 @@ def _run_workers(wrapping: str, out) -> None:
     thread's stack of both workers in the captured output."""
     context = mp.start_processes(_worker, args=(f"file://{out}.init", wrapping, str(out)), nprocs=2, join=False)
     deadline = time.monotonic() + DEADLINE_S
-    while not context.join(timeout=max(0.0, deadline - time.monotonic())):
-        if time.monotonic() < deadline:
-            continue
-        for process in context.processes:
-            if process.is_alive():
-                os.kill(process.pid, signal.SIGUSR1)
-        time.sleep(2)  # the stacks are written before the workers are killed
-        for process in context.processes:
-            process.kill()
-            process.join()
-        phases = {phase: all(os.path.exists(f"{out}.{phase}{rank}") for rank in range(2))
-                  for phase in ("grouped", "trained")}
-        if phases["trained"]:
-            warnings.warn(f"{wrapping}: both workers finished but did not exit in {DEADLINE_S} s; killed", stacklevel=2)
+    while time.monotonic() < deadline:
+        if context.join(timeout=max(0.0, deadline - time.monotonic())):
             return
-        if not phases["grouped"]:
-            pytest.skip(f"gloo could not form a group of 2 processes on this machine in {DEADLINE_S} s")
-        pytest.fail(f"{wrapping}: the workers hung after forming their process group (stacks above)")
+    for process in context.processes:
+        if process.is_alive():
+            os.kill(process.pid, signal.SIGUSR1)
+    time.sleep(2)  # the stacks are written before the workers are killed
+    for process in context.processes:
+        process.kill()
+        process.join()
+    if _all_reached(out, "trained"):
+        warnings.warn(f"{wrapping}: both workers finished but did not exit in {DEADLINE_S} s; killed", stacklevel=2)
+        return
+    if not _all_reached(out, "grouped"):
+        pytest.skip(f"gloo could not form a group of 2 processes on this machine in {DEADLINE_S} s")
+    pytest.fail(f"{wrapping}: the workers hung after forming their process group (stacks above)")
 
 
 @pytest.mark.parametrize("wrapping", ["ddp", "fsdp-model", "fsdp-rnn"])
