@@ -38,7 +38,6 @@ import dataclasses
 import functools
 import gc
 import json
-import platform
 import signal
 import statistics
 import sys
@@ -52,6 +51,7 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import provenance  # noqa: E402
 from methods import apply_options  # noqa: E402
 
 import dsf_compile  # noqa: E402
@@ -149,7 +149,8 @@ def allocated(device: str) -> int:
 def prepare(config: dict, model_kind: str, method: str, device: str, args: argparse.Namespace) -> Contender:
     """Build one row's model; its first step (compilation included, within
     ``--compile-timeout``) and warm-up steps."""
-    row = {"config": config["name"], "model": model_kind, "method": method, "T": config["T"], "B": config["B"]}
+    row = {"config": config["name"], "model": model_kind, "method": method, "T": config["T"], "B": config["B"],
+           "commit": args.commit}
     before = allocated(device)
     model = build(config, model_kind, method, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -310,6 +311,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="only these methods (e.g. eager-bptt dsf-dsf); "
                              f"{', '.join(EXTRA_GRU_METHODS)} run only when named")
     parser.add_argument("--skip", nargs="*", default=[], help="methods not to run (e.g. compile-bptt)")
+    parser.add_argument("--models", nargs="+", default=list(FAMILIES), choices=list(FAMILIES),
+                        help="model families to time: nn.GRU, and cell (the hand-written GRU loop)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps of a row in each round")
     parser.add_argument("--rounds", type=int, default=5,
                         help="rounds of timing; in each, every row of a config and model takes its steps in turn")
@@ -323,6 +326,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=None, help="output path without suffix (default: "
                         "experiments/runs/bench-<device>; pass experiments/results/... to update a committed one)")
     args = parser.parse_args(argv)
+    args.command = provenance.command_line(argv, __file__) if argv is not None else provenance.command_line()
+    args.commit = provenance.git_commit()["commit"]
     with torch.compiler.config.patch(force_disable_caches=not args.warm_caches):
         return run(args)
 
@@ -339,18 +344,18 @@ def configs_of(args: argparse.Namespace) -> list[dict]:
 def run(args: argparse.Namespace) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    name = torch.cuda.get_device_name() if device == "cuda" else f"cpu-{platform.machine()}"
-    out = Path(args.out or ROOT / "runs" / f"bench-{name.replace(' ', '-')}{'-small' if args.small else ''}")
+    name = provenance.device_name(device)
+    out = Path(args.out or ROOT / "runs" / f"bench-{file_name(name)}{'-small' if args.small else ''}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"device": name, "torch": torch.__version__, "tf32": True, "rows": [], "scan": []}
+    result = {"tf32": True, "rows": [], "scan": []}
     if args.resume and out.with_suffix(".json").is_file():
         result = json.loads(out.with_suffix(".json").read_text())
-    result["command"] = " ".join(["python", "experiments/bench.py", *sys.argv[1:]] if __name__ == "__main__"
-                                 else ["bench.main"])
+    # the latest writer's provenance; each row records the commit that measured it
+    result.update(provenance.record(args.command, device))
     done = {(r["config"], r["model"], r["method"]) for r in result["rows"]}
     for config in configs_of(args):
         for model_kind, (_, methods) in FAMILIES.items():
-            if model_kind == "cell" and config["name"].startswith("sweep"):
+            if model_kind not in args.models or (model_kind == "cell" and config["name"].startswith("sweep")):
                 continue
             named = [m for m in EXTRA_GRU_METHODS if model_kind == "nn.GRU" and args.methods and m in args.methods]
             wanted = [m for m in (*methods, *named) if (args.methods is None or m in args.methods)
@@ -368,6 +373,11 @@ def run(args: argparse.Namespace) -> dict:
             write(result, out)
     print(out.with_suffix(".md").read_text())
     return result
+
+
+def file_name(device: str) -> str:
+    """A device's name as results' file names spell it (``NVIDIA-H100-80GB-HBM3``)."""
+    return device.replace(" ", "-")
 
 
 def write(result: dict, out: Path) -> None:
@@ -390,7 +400,8 @@ def markdown(result: dict) -> str:
     baseline = "cuDNN" if result["device"] != "cpu" and not result["device"].startswith("cpu") else "torch's fused op"
     text = (f"# Training step, {result['device']}, torch {result['torch']}"
             + (f", TF32 {'on' if result['tf32'] else 'off'}" if not result["device"].startswith("cpu") else "")
-            + f"\n\nProduced by `{result['command']}`.  step_ms: median over every timed step; spread: the "
+            + f"\n\nProduced by `{result['command']}` at commit {result.get('commit') or 'unknown'}.  "
+            "step_ms: median over every timed step; spread: the "
             "lowest and highest median of the timing rounds (rows of a config take turns each round).  "
             f"Speed-up: the eager BPTT row of the same config and model ({baseline} for nn.GRU) over this row.  "
             "Peak: what the model holds between steps plus the most one step allocates on top.\n\n"

@@ -61,8 +61,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def build(name: str, vocab: int, args: argparse.Namespace) -> torch.nn.Module:
     torch.manual_seed(args.seed)
     model = RNNLanguageModel(vocab, args.hidden, args.layers, "gru")
-    if name != "eager-bptt":
-        dsf_compile.apply(model, compiler=args.compiler, **apply_options(name))
+    options = apply_options(name)
+    if options is not None:
+        dsf_compile.apply(model, compiler=args.compiler, **options)
     return model
 
 

@@ -12,7 +12,7 @@ A sweep file::
      "grid": {"method": ["bptt", "ft", "dsf"], "layers": [1, 3, 6, 12]}}
 
 Grid keys are train.py flags (``layers``, ``width``, ``context``, ``cell``, ...) and
-``method``, a label of ``methods.py``: ``bptt``, ``ft``, ``dsf``, ``dsf-adaptive``,
+``method``, a label of ``methods.py``: ``eager-bptt``, ``bptt``, ``ft``, ``dsf``, ``dsf-adaptive``,
 ``dsf-uniform``, ``highway-k<k>``.  Every run of a sweep reads the same data for the same number of
 epochs (and ``max_train_chars``, if set), so each sees the same tokens.  A finished run
 is skipped, an interrupted one resumed from its checkpoint (``train.py --resume``), so
@@ -34,27 +34,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report  # noqa: E402
 import train  # noqa: E402
 from data import run_script  # noqa: E402
-from methods import apply_options  # noqa: E402
+from methods import train_flags  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
-
-
-def method_flags(method: str) -> list[str]:
-    """train.py flags of a method label (the labels train.py writes in its summaries)."""
-    options = apply_options(method)
-    flags = ["--method", options["mode"]]
-    if "feedback" in options:
-        flags += ["--feedback", options["feedback"]]
-    if "iterations" in options:
-        flags += ["--iterations", str(options["iterations"])]
-    return flags
 
 
 def flags_of(settings: dict) -> list[str]:
     flags = []
     for key, value in settings.items():
         if key == "method":
-            flags += method_flags(value)
+            flags += train_flags(value)
             continue
         flag = "--" + key.replace("_", "-")
         if isinstance(value, list):
@@ -75,7 +64,7 @@ def load_sweep(path: Path) -> dict:
     if unknown or "name" not in sweep or "grid" not in sweep:
         raise SystemExit(f"{path}: a sweep has 'name', 'grid' and optionally 'base', 'description' "
                          f"(unknown: {sorted(unknown)})")
-    known = {**train.CONFIGS["wiki"], **train.RUN_DEFAULTS, "config": None, "method": None}
+    known = {**train.CONFIGS["wiki"], **train.RUN_DEFAULTS, **train.RUN_LIMITS, "config": None, "method": None}
     for section in ("base", "grid"):
         for key in sweep.get(section, {}):
             if key not in known or key in ("out", "resume", "feedback", "iterations"):
@@ -84,7 +73,7 @@ def load_sweep(path: Path) -> dict:
         raise SystemExit(f"{path}: max_steps is a budget of the whole sweep: set it in 'base', not in 'grid'")
     for method in sweep["grid"].get("method", []):
         try:
-            method_flags(method)
+            train_flags(method)
         except ValueError as error:
             raise SystemExit(f"{path}: {error}") from None
     return sweep
