@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import lzma
 import random
 from collections.abc import Callable, Iterator
@@ -205,6 +206,76 @@ def load_wiki(
         splits[split] = torch.tensor(ids, dtype=torch.int16 if tokenizer.get_vocab_size() <= 2**15 else torch.int32)
         torch.save(splits[split], path)
     return TokenCorpus(tokenizer.get_vocab_size(), splits["train"], splits["valid"], splits["test"], source)
+
+
+# --- prepared data: token ids only, for a machine without the raw text or a tokenizer ---
+
+PREPARED_MANIFEST = "manifest.json"
+
+
+def write_prepared(folder: str | Path, ptb: Corpus, wiki: TokenCorpus, wiki_vocab: int, extra: dict) -> dict:
+    """Write PTB's sentences and the wiki corpus's ids (train and valid) into ``folder``, with
+    a manifest saying what they are; returns the manifest.  int16 ids: the whole stand-in
+    (23.5M BPE-16k tokens) and PTB fit in one device call's carry (≤ 60 MiB)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def flat(sentences: list[list[int]]) -> dict:
+        lengths = torch.tensor([len(s) for s in sentences], dtype=torch.int32)
+        ids = torch.tensor([i for s in sentences for i in s], dtype=torch.int16)
+        return {"ids": ids, "lengths": lengths}
+
+    torch.save({"vocab": ptb.vocab, **{split: flat(getattr(ptb, split)) for split in ("train", "valid", "test")}},
+               folder / "ptb.pt")
+    wiki_file = f"wiki-bpe{wiki_vocab}.pt"
+    torch.save({"vocab_size": wiki.vocab_size, "source": wiki.source, "train": wiki.train, "valid": wiki.valid},
+               folder / wiki_file)
+    manifest = {
+        "ptb": {"file": "ptb.pt", "vocab": len(ptb.vocab), "sentences": {s: len(getattr(ptb, s)) for s in
+                                                                       ("train", "valid", "test")}},
+        "wiki": {"file": wiki_file, "vocab": wiki_vocab, "vocab_size": wiki.vocab_size, "source": wiki.source,
+                 "tokens": {"train": len(wiki.train), "valid": len(wiki.valid)}},
+        **extra,
+    }
+    manifest["bytes"] = sum(f.stat().st_size for f in (folder / "ptb.pt", folder / wiki_file))
+    (folder / PREPARED_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def read_manifest(folder: str | Path) -> dict:
+    path = Path(folder) / PREPARED_MANIFEST
+    if not path.is_file():
+        raise DataMissing(f"{path} not found: build the prepared data with "
+                          f"`python experiments/gpu_suite.py --prepare --prepared {folder}` on a machine with the text")
+    return json.loads(path.read_text())
+
+
+def load_prepared_ptb(folder: str | Path, max_len: int = 64) -> Corpus:
+    """PTB from a prepared folder, each sentence cut at ``max_len`` tokens as :func:`load_ptb` does."""
+    manifest = read_manifest(folder)
+    saved = torch.load(Path(folder) / manifest["ptb"]["file"])
+
+    def sentences(split: str) -> list[list[int]]:
+        ids = saved[split]["ids"].long().tolist()
+        out, start = [], 0
+        for length in saved[split]["lengths"].tolist():
+            out.append(ids[start : start + min(length, max_len)])
+            start += length
+        return out
+
+    return Corpus(saved["vocab"], sentences("train"), sentences("valid"), sentences("test"))
+
+
+def load_prepared_wiki(folder: str | Path, vocab: int) -> TokenCorpus:
+    """The wiki corpus's ids from a prepared folder; ``vocab`` must be the one it was built with."""
+    manifest = read_manifest(folder)
+    if manifest["wiki"]["vocab"] != vocab:
+        built = manifest["wiki"]["vocab"]
+        raise DataMissing(f"the prepared data in {folder} holds a BPE-{built} wiki corpus, not BPE-{vocab}: "
+                          f"pass --vocab {built}, or prepare it again with --vocab {vocab}")
+    saved = torch.load(Path(folder) / manifest["wiki"]["file"])
+    empty = torch.zeros(0, dtype=saved["valid"].dtype)
+    return TokenCorpus(saved["vocab_size"], saved["train"], saved["valid"], empty, saved["source"])
 
 
 def context_batches(
