@@ -25,10 +25,34 @@ def colour(method: str) -> str:
     return _SPARE[sum(map(ord, method)) % len(_SPARE)]
 
 
-def smoothed(values: list[float], weight: float = 0.9) -> list[float]:
-    """Exponential moving average, debiased at the start (as TensorBoard draws curves)."""
-    out, average = [], 0.0
-    for i, value in enumerate(values, 1):
-        average = weight * average + (1 - weight) * value
-        out.append(average / (1 - weight**i))
+def smoothed(values: list[float], share: float = 0.05) -> list[float]:
+    """A centred moving average over about ``share`` of the points on each side, the window
+    narrowing symmetrically at the ends: it does not lag (a straight line stays itself, and
+    the last point is the last logged value), unlike an exponential average."""
+    half = int(len(values) * share)
+    out = []
+    for i in range(len(values)):
+        k = min(half, i, len(values) - 1 - i)
+        window = values[i - k : i + k + 1]
+        out.append(sum(window) / len(window))
     return out
+
+
+def draw_order(runs: list[dict]) -> list[tuple[int, dict]]:
+    """(z-order, run) with the exact-BPTT runs drawn last, on top of every other line."""
+    exact = ("eager-bptt", "bptt")
+    ordered = [r for r in runs if r["method"] not in exact] + [r for r in runs if r["method"] in exact]
+    return [(2 + i, run) for i, run in enumerate(ordered)]
+
+
+def plain_log_axis(ax) -> None:
+    """A perplexity axis with plain tick labels (40, 50, 60, not 4×10¹): logarithmic where
+    the values span more than a factor of 4, else linear."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    low, high = ax.get_ylim()
+    if low > 0 and high / low > 4:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
