@@ -41,7 +41,7 @@ def data_root(tmp_path_factory):
 
 
 TINY_PTB = ["--config", "ptb", "--width", "8", "--layers", "2", "--batch", "8", "--epochs", "2",
-            "--milestones", "1", "--compiler", "aot_eager", "--log-every", "5", "--checkpoint-every", "0"]
+            "--milestones", "1", "--compiler", "aot_eager", "--log-every", "5", "--save-every", "1000"]
 
 
 def _run(data_root, out, *extra):
@@ -258,7 +258,7 @@ def test_sweep_runs_its_grid_resumes_and_reports(data_root, tmp_path):
     import sweep
 
     spec = {"name": "tiny", "base": {"config": "ptb", "width": 8, "batch": 8, "epochs": 1, "compiler": "aot_eager",
-                                     "log_every": 5, "checkpoint_every": 0, "data_root": str(data_root)},
+                                     "log_every": 5, "save_every": 1000, "data_root": str(data_root)},
             "grid": {"method": ["bptt", "highway-k1"], "layers": [1, 2]}}
     path = tmp_path / "tiny.json"
     path.write_text(json.dumps(spec))
@@ -306,13 +306,16 @@ def test_the_committed_sweeps_are_valid():
         assert sweep.runs_of(sweep.load_sweep(path)), path
 
 
-def test_every_figure_gives_a_method_the_same_colour_and_smooths_without_bias():
+def test_every_figure_gives_a_method_the_same_colour_and_smooths_without_lag():
     import plots
 
     assert plots.colour("dsf") == plots.colour("dsf-linspace") != plots.colour("ft")
     assert plots.colour("highway-k7") == plots.colour("highway-k7")  # a spare, but always the same
-    assert plots.smoothed([5.0] * 4) == pytest.approx([5.0] * 4)  # debiased: no ramp up from zero
-    assert plots.smoothed([0.0, 10.0], 0.5)[1] == pytest.approx(10 * 0.5 / 0.75)
+    falling = [1100.0 - 3 * i for i in range(200)]  # a short run's loss, still falling
+    assert plots.smoothed(falling) == pytest.approx(falling)  # a centred window: no lag, even at the ends
+    noisy = [50 + (-1) ** i * 10 for i in range(200)]
+    inner = plots.smoothed(noisy)[20:-20]
+    assert max(inner) - min(inner) < 2 and plots.smoothed(noisy)[-1] == noisy[-1]
 
 
 @pytest.mark.parametrize("label", ["bptt", "ft", "dsf", "dsf-uniform", "dsf-adaptive", "highway-k0", "highway-k12"])
@@ -329,3 +332,78 @@ def test_an_unknown_method_label_is_refused():
 
     with pytest.raises(ValueError, match="method 'highway-2'"):
         methods.apply_options("highway-2")
+
+
+def test_a_time_limit_stops_the_run_validated_and_recorded(data_root, tmp_path):
+    summary = _run(data_root, tmp_path / "run", "--time-limit", "1e-9")
+    assert summary["stopped_by"] == "time_limit" and not summary["complete"] and summary["steps"] == 0
+    assert summary["deviations"]["time_limit"] == 1e-9 and summary["valid_ppl_at_stop"] > 1
+    unhit = _run(data_root, tmp_path / "unhit", "--time-limit", "3600", "--epochs", "1")
+    assert unhit["complete"] and "time_limit" not in unhit["deviations"]  # set but not reached: no departure
+
+
+def test_validation_several_times_an_epoch_and_the_summary_records_provenance(data_root, tmp_path):
+    summary = _run(data_root, tmp_path / "run", "--epochs", "1", "--valid-every", "4")
+    valid = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").open() if '"valid"' in line]
+    steps = summary["steps"]
+    assert [v["step"] for v in valid] == [*range(4, steps, 4), steps]
+    assert [v["epoch"] for v in valid[:-1]] == [round(v["step"] / steps, 4) for v in valid[:-1]]
+    assert valid[-1]["epoch"] == 1
+    assert summary["best_valid_ppl"] == min(v["valid_ppl"] for v in valid)
+    stamp = summary["provenance"]
+    assert stamp["commit"] and stamp["torch"] == torch.__version__ and stamp["device"].startswith("cpu")
+    assert stamp["command"].startswith("python experiments/train.py --config ptb")
+
+
+def test_on_off_flags_refuse_what_is_neither(data_root, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _run(data_root, tmp_path / "run", "--tf32", "maybe")
+    assert "expected true or false" in capsys.readouterr().err
+    assert train.strict_bool("Off") is False and train.strict_bool("yes") is True
+
+
+def test_a_short_run_writes_no_checkpoint_unless_asked(data_root, tmp_path, capsys):
+    short = [*TINY_PTB[: TINY_PTB.index("--save-every")], "--data-root", str(data_root), "--max-steps", "3"]
+    train.main([*short, "--out", str(tmp_path / "short")])
+    assert not (tmp_path / "short" / "checkpoint.pt").exists()
+    assert "--resume continues it" not in capsys.readouterr().out  # nothing to resume from
+    train.main([*short, "--out", str(tmp_path / "asked"), "--save-every", "2"])
+    assert (tmp_path / "asked" / "checkpoint.pt").exists() and "--resume continues it" in capsys.readouterr().out
+    train.main([*short, "--out", str(tmp_path / "never"), "--save-every", "0", "--max-steps", "0"])
+    assert not (tmp_path / "never" / "checkpoint.pt").exists()
+
+
+def test_progress_lines_when_the_output_is_not_a_terminal(data_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train.Progress, "PLAIN_EVERY_S", 0.0)
+    summary = _run(data_root, tmp_path / "run", "--epochs", "1", "--log-every", "1000")
+    out = capsys.readouterr().out
+    steps = summary["steps"]
+    # no bar (captured output is not a TTY): a plain line after every step, at this interval
+    assert sum(f"bptt: step {i}/{steps}," in out or f"dsf: step {i}/{steps}," in out for i in range(2, steps + 1)) \
+        == steps - 1
+    assert "steps/s, about" in out and "first step: compiling" in out and "validating ..." in out
+
+
+def test_eager_bptt_trains_the_model_as_written_and_prepared_data_trains_alike(data_root, tmp_path):
+    import gpu_suite
+
+    gpu_suite.main(["--prepare", "--tiny", "--data-root", str(data_root), "--prepared", str(tmp_path / "prep")])
+    from_text = _run(data_root, tmp_path / "text", "--method", "eager-bptt", "--epochs", "1")
+    from_ids = _run(data_root, tmp_path / "ids", "--method", "eager-bptt", "--epochs", "1",
+                    "--prepared", str(tmp_path / "prep"))
+    assert from_text["method"] == "eager-bptt" and from_text["best_valid_ppl"] == from_ids["best_valid_ppl"]
+    applied = _run(data_root, tmp_path / "applied", "--method", "bptt", "--epochs", "1")
+    assert applied["best_valid_ppl"] == pytest.approx(from_text["best_valid_ppl"], rel=1e-5)  # both exact
+
+
+def test_report_uses_the_validation_at_a_stop_and_draws_no_empty_figure(data_root, tmp_path):
+    _run(data_root, tmp_path / "stopped", "--max-steps", "2", "--log-every", "1")
+    text = report.main(["--runs", str(tmp_path / "stopped"), "--name", "r", "--out", str(tmp_path / "out")])
+    assert "validation at its stop (step 2" in text and (tmp_path / "out" / "r-curves.png").is_file()
+    document = json.loads((tmp_path / "out" / "r.json").read_text())
+    document["runs"][0]["curves"] = {"train": [], "valid": [], "fidelity": []}
+    (tmp_path / "bare.json").write_text(json.dumps(document))
+    text = report.main(["--from-json", str(tmp_path / "bare.json"), "--out", str(tmp_path / "bare")])
+    assert "No curves" in text and not (tmp_path / "bare" / "bare-curves.png").exists()
+    assert "no validation was logged" in text
+    assert report.DEFAULT_OUT.relative_to(Path(report.__file__).resolve().parent / "runs")  # never results/
