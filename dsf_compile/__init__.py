@@ -202,13 +202,13 @@ class _CompiledForward:
         report = self.backend.report
         if report.loops:
             return
-        message = (
-            "dsf_compile found no recurrent loop in this model, so it trains with ordinary exact "
-            "gradients.\n" + (str(report) if report.left_exact or report.graph_breaks else "")
-        )
+        found = ("rewrote no recurrent loop in this model: the loops it found are left exact (below)"
+                 if report.left_exact else "found no recurrent loop in this model")
+        details = "\n" + str(report) if report.left_exact or report.graph_breaks else ""
         if self.backend.strict:
-            raise UnsupportedLoopError(message + " (strict=True)")
-        warnings.warn(message, stacklevel=3)
+            raise UnsupportedLoopError(f"dsf_compile {found}, so the model would train with ordinary exact "
+                                       f"gradients (strict=True refuses that; strict=False allows it).{details}")
+        warnings.warn(f"dsf_compile {found}, so it trains with ordinary exact gradients.{details}", stacklevel=3)
 
 
 def apply(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import copy
 import dataclasses
 import uuid
 import warnings
@@ -23,6 +25,7 @@ from .passes.find_rnn_ops import find_recurrent_ops
 from .passes.find_scan_loops import find_scan_loops
 from .passes.rewrite_python_loops import rewrite_python_loop, rewrite_scan_loop
 from .passes.rewrite_rnn_ops import rewrite_recurrent_op
+from .passes.verify_outputs import changed_outputs, output_metadata
 from .report import LoopReport, Report
 from .runtime import MODES, GradientRule, highway_rule
 from .traced_rnn import restore_torch_calls
@@ -63,6 +66,17 @@ def _describe_feedback(loop: LoopIR, rule: GradientRule) -> str:
     if rule.adaptive is not None:
         return f"adaptive (momentum {rule.momentum:g})"
     return summarize(torch.tensor(rule.lam, dtype=torch.float64))
+
+
+def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
+    """A copy of ``graph`` with what Dynamo keeps on its nodes beside ``meta`` (the source
+    of each input, which AOTAutograd reads)."""
+    copied = copy.deepcopy(graph)
+    for old, new in zip(graph.nodes, copied.nodes):
+        for attribute, value in vars(old).items():
+            if not hasattr(new, attribute):
+                setattr(new, attribute, value)
+    return copied
 
 
 class DSFError(RuntimeError):
@@ -191,46 +205,109 @@ class DSFBackend:
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> Callable:
         restore_torch_calls(gm)
         self._left_exact(find_nested_loops(gm))
+        if self.compiler == "none":
+            self._rewrite(gm, {})
+            return self._compile(gm, example_inputs)
+        expected = output_metadata(gm)
+        original = _copy_graph(gm.graph)
+        excluded: dict[str, str] = {}  # loops left exact, by the name of their first node: why
+        check = None
+        while True:
+            failed = self._rewrite(gm, excluded, check)
+            if failed is None:
+                if check is not None or changed_outputs(gm, expected) is None:
+                    break
+                # A rewrite changed what the graph returns, which must never happen: do them
+                # again one at a time, each checked, and leave the one that does exact.
+                check = lambda: changed_outputs(gm, expected)  # noqa: E731
+            else:
+                excluded[failed[0]] = failed[1]
+            for key in self._noted:
+                self._loops.pop(key, None)
+            gm.graph = _copy_graph(original)
+            gm.recompile()
+        return self._compile(gm, example_inputs)
+
+    def _rewrite(self, gm: torch.fx.GraphModule, excluded: dict[str, str],
+                 check: Callable[[], str | None] | None = None) -> tuple[str, str] | None:
+        """Find every loop of ``gm`` and rewrite it (with ``compiler="none"`` only find it),
+        but those ``excluded`` (keyed by the name of their first node), left exact with the
+        reason given.  With ``check``, after each rewrite: what it changed in the graph's
+        outputs; the first rewrite that changes anything stops this pass and is returned,
+        ``(key, problem)``."""
+        self._noted: list[tuple[str, str]] = []
+        rewrite = self.compiler != "none"
+        names: dict[str, str] = {}  # key -> the loop's name, distinct within this graph
+        counts: collections.Counter[str] = collections.Counter()
+
+        def name(loop: LoopIR, key: str) -> None:
+            """Two loops that would share a name (two layers' loops on one line of a ``for``
+            over layers, a module called twice) are told apart: the second is ``#2``."""
+            if key not in names:
+                counts[loop.name] += 1
+                names[key] = loop.name if counts[loop.name] == 1 else f"{loop.name} #{counts[loop.name]}"
+            loop.name = names[key]
+
+        def handle(key: str, loops: list[LoopIR], apply_rewrite) -> tuple[str, str] | None:
+            if key in excluded:
+                self._left_exact([LeftExact(loop.name, loop.source, f"not rewritten: the rewrite would change "
+                                            f"{excluded[key]} (a bug of dsf_compile: please report it)")
+                                  for loop in loops])
+                return None
+            rules = [self.rule_for(loop) for loop in loops]
+            if rewrite:
+                apply_rewrite(rules)
+            for loop, rule in zip(loops, rules):
+                self._note(loop, rule)
+            problem = check() if check is not None else None
+            return None if problem is None else (key, problem)
+
         sites, left_exact = find_recurrent_ops(gm)
         self._left_exact(left_exact)
         for site in sites:
-            rules = [self.rule_for(loop) for loop in site.loops]
-            if self.compiler != "none":
-                rewrite_recurrent_op(gm, site, rules)
-            for loop, rule in zip(site.loops, rules):
-                self._note(loop, rule)
+            for loop in site.loops:
+                name(loop, f"{site.node.name}/{loop.name}")
+            failed = handle(site.node.name, site.loops, lambda rules, site=site: rewrite_recurrent_op(gm, site, rules))
+            if failed:
+                return failed
         scans, left_exact = find_scan_loops(gm)
         self._left_exact(left_exact)
         for found in scans:
-            rule = self.rule_for(found.loop)
-            self._note(found.loop, rule)
-            if self.compiler != "none":
-                rewrite_scan_loop(gm, found, rule)
+            name(found.loop, found.node.name)
+            failed = handle(found.node.name, [found.loop],
+                            lambda rules, found=found: rewrite_scan_loop(gm, found, rules[0]))
+            if failed:
+                return failed
         # A rewrite replaces nodes that later loops may read (one layer's stacked outputs
         # are the next layer's inputs): find again after each one.
-        python_loops, left_exact = find_python_loops(gm)
-        while python_loops:
-            found = python_loops[0]
-            rule = self.rule_for(found.loop)
-            self._note(found.loop, rule)
-            if self.compiler == "none":
-                python_loops = python_loops[1:]
-                continue
-            rewrite_python_loop(gm, found, rule)
+        done: set[str] = set()
+        while True:
             python_loops, left_exact = find_python_loops(gm)
+            pending = [f for f in python_loops if f.segments[0][0].name not in done]
+            for found in pending:
+                name(found.loop, found.segments[0][0].name)
+            if not pending:
+                break
+            for found in pending if not rewrite else pending[:1]:
+                key = found.segments[0][0].name
+                done.add(key)
+                failed = handle(key, [found.loop], lambda rules, found=found: rewrite_python_loop(gm, found, rules[0]))
+                if failed:
+                    return failed
         self._left_exact(left_exact)
-        return self._compile(gm, example_inputs)
+        return None
 
     def _left_exact(self, items) -> None:
         for item in items:
             if self.strict:
                 raise UnsupportedLoopError(
-                    f"{item.what} at {item.source} cannot be rewritten: {item.reason} "
-                    "(strict=True; pass strict=False to train it with exact gradients)"
+                    f"{item.what} at {item.source} cannot be rewritten: {item.reason}.  It would train with "
+                    "exact gradients: strict=True refuses that (strict=False allows it, and reports it)"
                 )
             self._left[(item.what, item.source, item.reason)] = item
 
     def _note(self, loop: LoopIR, rule: GradientRule) -> None:
+        self._noted.append((loop.name, loop.source))
         self._loops[(loop.name, loop.source)] = LoopReport(
             name=loop.name,
             origin=loop.origin,
@@ -243,6 +320,7 @@ class DSFBackend:
             feedback=_describe_feedback(loop, rule),
             rewrite={"dsf": "dsf", "ft": "ft (λ = 0)", "bptt": "exact (bptt)",
                      "highway": f"highway (k = {self.iterations})"}[self.mode],
+            note=loop.note,
         )
 
     def _record(self, kind: str, gm: torch.fx.GraphModule) -> None:

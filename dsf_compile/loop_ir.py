@@ -43,6 +43,7 @@ class LoopIR:
     length: int | torch.SymInt | None = None
     batch: int | torch.SymInt | None = None
     forward_kernel: str | None = None
+    note: str = ""  # what a report should say about how the loop was read (a peeled first step)
 
     @property
     def state_size(self) -> int:

@@ -23,6 +23,7 @@ class LoopReport:
     carries: str
     feedback: str
     rewrite: str
+    note: str = ""
 
 
 @dataclass
@@ -43,9 +44,13 @@ class Report:
                 for r in self.loops
             ]
             headers = ["loop", "source", "T", "B", "state", "direction", "carries", "λ", "rewrite"]
+            if any(r.note for r in self.loops):
+                rows = [[*row, r.note] for row, r in zip(rows, self.loops)]
+                headers.append("note")
             parts.append(f"{len(self.loops)} recurrent loop(s):\n" + tabulate(rows, headers=headers))
         else:
-            parts.append("no recurrent loop found: every gradient stays exact")
+            parts.append("no recurrent loop rewritten: every gradient stays exact" if self.left_exact
+                         else "no recurrent loop found: every gradient stays exact")
         if self.left_exact:
             rows = [[e.what, e.source, e.reason] for e in self.left_exact]
             parts.append("left exact:\n" + tabulate(rows, headers=["what", "source", "why"]))

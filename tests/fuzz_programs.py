@@ -3,7 +3,8 @@
 A :class:`Program` is one choice of cell (tanh RNN, GRU, LSTM, gated residual, layer-norm
 RNN), of how the loop reads its inputs (``x[:, t]``, ``x[t]``, ``unbind``, ``select``,
 ``split``, ``x[:, t:t+1]``, ``narrow``), direction, padding mask, embedding looked up
-inside the loop, in-place writes, a (features, batch) state, what the loop returns
+inside the loop, in-place writes, a (features, batch) state, an initial state shaped
+``(1, B, H)`` that each step ``view``s back to ``(B, H)`` (as a QRNN's CPU loop does), what the loop returns
 (every state, a per-step head, the last state) and of sizes.  :func:`make_model` writes
 it as an ``nn.Module`` whose ``forward`` is a Python loop over ``self.step``, the way
 people write RNNs by hand.
@@ -48,6 +49,7 @@ class Program:
     embedding: bool
     in_place: bool
     columns: bool  # the state kept as (features, batch)
+    leading_one: bool  # the initial state (1, B, H), each new state viewed as (B, H)
     output: str
     batch: int
     length: int
@@ -93,6 +95,8 @@ class _Model(nn.Module):
             new = self._cell(g, carries)
         if keep is not None:
             new = tuple(torch.where(keep, n, c) for n, c in zip(new, carries))
+        if p.leading_one:  # (1, B, H) at the first step: back to the carry's (B, H)
+            new = tuple(n.view(n.shape[-2], n.shape[-1]) for n in new)
         return new
 
     def _cell(self, g, carries):
@@ -121,7 +125,7 @@ class _Model(nn.Module):
     def initial(self, x):
         p = self.program
         batch = x.shape[1] if p.time_first else x.shape[0]
-        shape = (p.hidden, batch) if p.columns else (batch, p.hidden)
+        shape = (p.hidden, batch) if p.columns else (1, batch, p.hidden) if p.leading_one else (batch, p.hidden)
         return tuple(torch.zeros(shape, dtype=self.wx.weight.dtype) for _ in range(p.carries))
 
     def output(self, states):

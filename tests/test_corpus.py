@@ -14,6 +14,7 @@ BPTT: eager autograd; DSF at a constant λ: the straight-through reference of
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -378,3 +379,399 @@ def test_two_stacked_lstm_cells_on_a_time_series(mode):
         assert rel_err(g, w) <= 1e-9, f"{name}: relative error {rel_err(g, w):.3g}"
     report = dsf_compile.report(compiled)
     assert len(report.loops) == 1 and report.loops[0].state_size == 20 and not report.left_exact, report
+
+
+# --- round 2: a QRNN's CPU loop, an LSTMCell under Highway-BP, loops the reports missed ---
+
+
+class QRNNLayer(nn.Module):
+    """A quasi-recurrent layer driven as AWD-LSTM's code drives it on a CPU: every step's
+    gates from one linear map, then a loop over ``(1, B, H)`` slices whose carried state
+    starts as ``(1, B, H)`` and is viewed back to ``(B, H)`` at every step."""
+
+    def __init__(self, n_in: int = 4, size: int = 5):
+        super().__init__()
+        self.size = size
+        self.linear = nn.Linear(n_in, 3 * size)
+
+    def step(self, gates, previous):
+        kept, forget = gates
+        return (kept + (1 - forget) * previous).view(kept.shape[1], self.size)
+
+    def forward(self, x, hidden=None):
+        candidate, forget, output = self.linear(x).chunk(3, dim=2)
+        forget = torch.sigmoid(forget)
+        kept = forget * torch.tanh(candidate)
+        previous = x.new_zeros(1, x.shape[1], self.size) if hidden is None else hidden
+        states = []
+        for kept_t, forget_t in zip(kept.split(1, 0), forget.split(1, 0)):
+            previous = self.step((kept_t, forget_t), previous)
+            states.append(previous)
+        cells = torch.stack(states)
+        return torch.sigmoid(output) * cells, cells[-1:]
+
+
+def _qrnn_run(x):
+    def run(m):
+        out, last = m(x)
+        ((out ** 2).sum() + last.sum()).backward()
+        return [out, last]
+
+    return run
+
+
+def _qrnn_reference(m):
+    """DSF at λ = LAM: each step reads its previous state held constant, plus λ(s − sg(s))
+    viewed as the step's new state (zero in value: the first step's (1, B, H) start too)."""
+    def step(gates, previous):
+        held = previous.detach()
+        new = QRNNLayer.step(m, gates, held)
+        return new + LAM * (previous - held).view_as(new)
+
+    m.step = step
+    return m
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_qrnn_loop_whose_state_starts_as_1_b_h(mode):
+    """Its first step reshapes the carry: it runs as written and the loop starts at the
+    second (the start has no gradient here, so DSF's parameter gradients are the whole
+    loop's)."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 4, dtype=torch.float64)
+    _check(QRNNLayer().double(), _qrnn_run(x), mode, _qrnn_reference, loops=1)
+    compiled = dsf_compile.apply(QRNNLayer().double(), mode, compiler="aot_eager")
+    compiled(x)
+    (loop,) = dsf_compile.report(compiled).loops
+    assert loop.length == "5" and "first step run as written" in loop.note and "(1, 3, 5) → (3, 5)" in loop.note
+    # another batch size: traced with B a symbol, which ``view(B, H)`` reads from the state
+    wider = torch.randn(6, 4, 4, dtype=torch.float64)
+    _check(QRNNLayer().double(), _qrnn_run(wider), mode, _qrnn_reference, loops=1)
+    out, _ = compiled(wider)
+    assert out.shape == (6, 4, 5) and dsf_compile.report(compiled).loops[0].batch.startswith("s")
+
+
+def test_qrnn_loop_through_inductor_in_every_mode():
+    torch.manual_seed(0)
+    model, x = QRNNLayer(), torch.randn(6, 3, 4)
+    want, _ = model(x)
+    for mode, options in (("bptt", {}), ("ft", {}), ("dsf", {}), ("highway", {"iterations": 0})):
+        compiled = dsf_compile.apply(copy.deepcopy(model), mode, **options)
+        got, _ = compiled(x)
+        assert got.shape == want.shape and rel_err(got.detach(), want.detach()) <= 1e-5, mode
+        got.sum().backward()
+        assert all(p.grad is not None for p in compiled.parameters()), mode
+
+
+def test_highway_follows_a_residual_path_through_view_and_is_exact_where_j_is_k():
+    """A QRNN step's Jacobian is its forget path, ``1 − f``: Highway-BP's diagonal K is all
+    of it, so with no iteration its gradients are exact BPTT's."""
+    torch.manual_seed(0)
+    model, x = QRNNLayer().double(), torch.randn(6, 3, 4, dtype=torch.float64)
+    want_out, want = _train(copy.deepcopy(model), _qrnn_run(x))
+    compiled = dsf_compile.apply(copy.deepcopy(model), "highway", iterations=0, compiler="aot_eager")
+    got_out, got = _train(compiled, _qrnn_run(x))
+    assert all(rel_err(g, w) <= 1e-12 for g, w in zip(got_out, want_out))
+    assert all(rel_err(g, w) <= 1e-10 for g, w in zip(got, want))
+    assert dsf_compile.report(compiled).loops[0].feedback == "K on previous"
+
+
+class CellForecaster(nn.Module):
+    """One nn.LSTMCell stepped over a series (its state passed as the ``(h, c)`` tuple)."""
+
+    def __init__(self, size: int = 5):
+        super().__init__()
+        self.size = size
+        self.cell = nn.LSTMCell(1, size)
+        self.head = nn.Linear(size, 1)
+
+    def forward(self, series):
+        h = c = series.new_zeros(series.shape[0], self.size)
+        outputs = []
+        for value in series.split(1, dim=1):
+            h, c = self.cell(value, (h, c))
+            outputs.append(self.head(h))
+        return torch.cat(outputs, 1)
+
+
+def test_highway_finds_the_forget_gate_of_an_lstm_cell_loop():
+    from tests.reference import highway_reference_loop
+
+    torch.manual_seed(0)
+    model, series = CellForecaster().double(), torch.randn(3, 7, dtype=torch.float64)
+    compiled = dsf_compile.apply(copy.deepcopy(model), "highway", iterations=1, compiler="aot_eager")
+    F.mse_loss(compiled(series[:, :-1]), series[:, 1:]).backward()
+    (loop,) = dsf_compile.report(compiled).loops
+    assert loop.feedback == "K on c (0 on h)" and loop.carries == "h[5], c[5]"
+
+    def step(value, h, c):
+        return model.cell(value, (h, c))
+
+    def forget_gate(value, h, c):  # K: the forget gate on c, 0 on h, from the cell's own formula
+        gates = F.linear(value, model.cell.weight_ih, model.cell.bias_ih) + F.linear(
+            h, model.cell.weight_hh, model.cell.bias_hh)
+        return torch.zeros_like(h), torch.sigmoid(gates.chunk(4, -1)[1])
+
+    def loss_of_states(states):
+        return F.mse_loss(torch.cat([model.head(s[0]) for s in states], 1), series[:, 1:])
+
+    xs = [(v,) for v in series[:, :-1].split(1, dim=1)]
+    init = (series.new_zeros(3, 5), series.new_zeros(3, 5))
+    params = list(model.parameters())
+    _, want, _, _ = highway_reference_loop(step, forget_gate, xs, init, 1, loss_of_states, params)
+    for (name, p), w in zip(compiled.named_parameters(), want):
+        assert rel_err(p.grad, w) <= 1e-9, name
+
+
+class BidirectionalCells(nn.Module):
+    """A forward and a backward GRUCell loop over one input, their states concatenated."""
+
+    def __init__(self, n_in: int = 3, size: int = 4):
+        super().__init__()
+        self.size = size
+        self.forwards, self.backwards = nn.GRUCell(n_in, size), nn.GRUCell(n_in, size)
+
+    def forward(self, x):
+        h, ahead = x.new_zeros(x.shape[1], self.size), []
+        for t in range(x.shape[0]):
+            h = self.forwards(x[t], h)
+            ahead.append(h)
+        h, behind = x.new_zeros(x.shape[1], self.size), []
+        for t in range(x.shape[0] - 1, -1, -1):
+            h = self.backwards(x[t], h)
+            behind.append(h)
+        return torch.cat([torch.stack(ahead), torch.stack(behind[::-1])], -1)
+
+
+def test_explain_lists_a_loop_running_backwards_beside_its_forward_twin():
+    torch.manual_seed(0)
+    model, x = BidirectionalCells().double(), torch.randn(5, 2, 3, dtype=torch.float64)
+    explained = dsf_compile.explain(model, x)
+    assert [(loop.direction, loop.name.split("'")[1]) for loop in explained.loops] == [
+        ("forward", "forwards"), ("reverse", "backwards")]
+
+    def run(m):
+        out = m(x)
+        (out ** 2).sum().backward()
+        return [out]
+
+    def reference(m):
+        feedback_cell(m.forwards, LAM)
+        feedback_cell(m.backwards, LAM)
+        return m
+
+    for mode in MODES:
+        _check(model, run, mode, reference, loops=2)
+
+
+class TwoInlineLayers(nn.Module):
+    """Two tanh layers written inline in one ``for`` over the layers: both loops run the
+    same source line."""
+
+    def __init__(self, size: int = 4):
+        super().__init__()
+        self.input_weights = nn.ParameterList([nn.Parameter(0.5 * torch.randn(size, size)) for _ in range(2)])
+        self.state_weights = nn.ParameterList([nn.Parameter(0.5 * torch.randn(size, size)) for _ in range(2)])
+
+    def step(self, layer, x_t, h):
+        return torch.tanh(x_t @ self.input_weights[layer] + h @ self.state_weights[layer])
+
+    def forward(self, x):
+        for layer in range(2):
+            h, states = x.new_zeros(x.shape[1], x.shape[2]), []
+            for t in range(x.shape[0]):
+                h = self.step(layer, x[t], h)
+                states.append(h)
+            x = torch.stack(states)
+        return x
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_two_loops_on_one_source_line_are_two_entries(mode):
+    torch.manual_seed(0)
+    model, x = TwoInlineLayers().double(), torch.randn(5, 2, 4, dtype=torch.float64)
+
+    def run(m):
+        out = m(x)
+        (out ** 2).sum().backward()
+        return [out]
+
+    def reference(m):
+        plain = m.step
+        m.step = lambda layer, x_t, h: feedback_step(lambda x_, h_: plain(layer, x_, h_), LAM)(x_t, h)
+        return m
+
+    _check(model, run, mode, reference, loops=2)
+    compiled = dsf_compile.apply(copy.deepcopy(model), mode, compiler="aot_eager")
+    run(compiled)
+    first, second = dsf_compile.report(compiled).loops
+    assert first.source == second.source and second.name == first.name + " #2"
+
+
+class Forecaster(nn.Module):
+    """An LSTMCell over the observed series, then ``future`` steps each fed the previous
+    prediction: a loop with no per-step input."""
+
+    def __init__(self, size: int = 5):
+        super().__init__()
+        self.size = size
+        self.cell = nn.LSTMCell(1, size)
+        self.head = nn.Linear(size, 1)
+
+    def observe(self, value, state):
+        return self.cell(value, state)
+
+    def generate(self, value, state):
+        return self.cell(value, state)
+
+    def forward(self, series, future: int = 0):
+        state = (series.new_zeros(series.shape[0], self.size), series.new_zeros(series.shape[0], self.size))
+        outputs = []
+        for value in series.split(1, dim=1):
+            state = self.observe(value, state)
+            outputs.append(self.head(state[0]))
+        for _ in range(future):
+            state = self.generate(outputs[-1], state)
+            outputs.append(self.head(state[0]))
+        return torch.cat(outputs, 1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_generation_loop_with_no_per_step_input_is_left_exact_and_listed(mode):
+    torch.manual_seed(0)
+    model, series = Forecaster().double(), torch.randn(3, 6, dtype=torch.float64)
+
+    def run(m):
+        out = m(series, 4)
+        (out ** 2).sum().backward()
+        return [out]
+
+    def reference(m):  # DSF over the observed series only; generation stays exact
+        m.observe = feedback_step(m.observe, LAM)
+        return m
+
+    want_out, eager = _train(copy.deepcopy(model), run)
+    compiled = dsf_compile.apply(copy.deepcopy(model), mode, compiler="aot_eager",
+                                 **(dict(feedback=LAM) if mode == "dsf" else {}))
+    got_out, got = _train(compiled, run)
+    assert rel_err(got_out[0], want_out[0]) <= 1e-12
+    want = eager if mode == "bptt" else _train(reference(copy.deepcopy(model)), run)[1]
+    assert all(rel_err(g, w) <= 1e-9 for g, w in zip(got, want))
+    report = dsf_compile.report(compiled)
+    (loop,) = report.loops
+    (left,) = report.left_exact
+    lines, first = inspect.getsourcelines(Forecaster.forward)
+    generating_line = first + next(i for i, line in enumerate(lines) if "self.generate(" in line)
+    assert left.reason.startswith("no per-step input") and left.source.endswith(f"test_corpus.py:{generating_line}")
+    assert loop.source != left.source
+    # alone, it is what the report lists, and said so
+    generating = dsf_compile.apply(copy.deepcopy(model), mode, compiler="aot_eager")
+    with pytest.warns(UserWarning, match="rewrote no recurrent loop") as warned:
+        generating(series[:, :1], 4)
+    assert "no per-step input" in str(warned[0].message)
+    assert len(dsf_compile.report(generating).left_exact) == 1
+
+
+class DropoutInTheStep(nn.Module):
+    def __init__(self, p: float):
+        super().__init__()
+        self.cell = nn.GRUCell(3, 4)
+        self.drop = nn.Dropout(p)
+
+    def forward(self, x):
+        h, states = x.new_zeros(x.shape[1], 4), []
+        for t in range(x.shape[0]):
+            h = self.cell(self.drop(x[t]), self.drop(h))
+            states.append(h)
+        return torch.stack(states)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dropout_that_draws_nothing_does_not_keep_the_loop_exact(mode):
+    torch.manual_seed(0)
+    model, x = DropoutInTheStep(0.0).double(), torch.randn(5, 2, 3, dtype=torch.float64)
+
+    def run(m):
+        out = m(x)
+        (out ** 2).sum().backward()
+        return [out]
+
+    def reference(m):
+        feedback_cell(m.cell, LAM)
+        return m
+
+    _check(model, run, mode, reference, loops=1)
+
+
+class DecayingCells(nn.Module):
+    """Two stacked decaying GRU-like cells over an irregular series (GRU-D's pattern): each
+    step reads its slice of a (B, 4, T, F) input tensor (values, mask, time since the last
+    observation, last observed value), applies dropout to the new states and writes a
+    prediction into a preallocated output in place."""
+
+    def __init__(self, features: int = 3, size: int = 4):
+        super().__init__()
+        self.size = size
+        self.decay_input = nn.Linear(features, features)
+        self.decay_state = nn.ModuleList([nn.Linear(features, size) for _ in range(2)])
+        self.gates = nn.ModuleList([nn.Linear(2 * features + size, 2 * size),
+                                    nn.Linear(features + 2 * size, 2 * size)])
+        self.candidate = nn.ModuleList([nn.Linear(2 * features + size, size),
+                                        nn.Linear(features + 2 * size, size)])
+        self.head = nn.Linear(size, 1)
+        self.drop = nn.Dropout(0.3)
+
+    def cell(self, i, x, mask, delta, h):
+        h = torch.exp(-torch.relu(self.decay_state[i](delta))) * h
+        z, r = torch.sigmoid(self.gates[i](torch.cat((x, h, mask), -1))).chunk(2, -1)
+        tilde = torch.tanh(self.candidate[i](torch.cat((x, r * h, mask), -1)))
+        return (1 - z) * h + z * tilde
+
+    def forward(self, inputs):
+        batch, _, steps, _ = inputs.shape
+        h1 = h2 = inputs.new_zeros(batch, self.size)
+        predictions = inputs.new_zeros(batch, steps, 1)
+        for t in range(steps):
+            x, mask, delta, last = (torch.squeeze(inputs[:, :, t : t + 1, :][:, i], 1) for i in range(4))
+            decay = torch.exp(-torch.relu(self.decay_input(delta)))
+            x = mask * x + (1 - mask) * decay * last
+            h1 = self.drop(self.cell(0, x, mask, delta, h1))
+            h2 = self.drop(self.cell(1, h1, mask, delta, h2))
+            predictions[:, t : t + 1, :] = torch.unsqueeze(self.head(h2), 1)
+        return predictions
+
+
+def test_a_loop_left_exact_is_one_entry_with_every_true_reason():
+    torch.manual_seed(0)
+    model, inputs = DecayingCells().double(), torch.rand(2, 4, 5, 3, dtype=torch.float64)
+    report = dsf_compile.explain(model, inputs)
+    (entry,) = report.left_exact
+    assert not report.loops
+    assert "draws random numbers (dropout)" in entry.reason and "in place (setitem)" in entry.reason
+    assert entry.what == "loop over inputs"
+    want = model(inputs)
+    compiled = dsf_compile.apply(copy.deepcopy(model), compiler="aot_eager")
+    torch.manual_seed(1)
+    got = compiled(inputs)
+    assert got.shape == want.shape
+    assert [e.reason for e in dsf_compile.report(compiled).left_exact] == [entry.reason]
+
+
+def test_a_rewrite_that_would_change_an_output_is_undone_and_reported(monkeypatch):
+    """The net under every rewrite: without the first-step peel, the QRNN loop's rewrite
+    returned (T, 1, B, H) for eager's (T, B, H).  The graph's outputs are checked against
+    what Dynamo traced: the loop is left exact, with the mismatch as its reason."""
+    from dsf_compile.passes import find_python_loops
+
+    monkeypatch.setattr(find_python_loops, "_peel_a_reshaping_first_step",
+                        lambda segments, check, families: (segments, check, ""))
+    torch.manual_seed(0)
+    model, x = QRNNLayer().double(), torch.randn(6, 3, 4, dtype=torch.float64)
+    want_out, want = _train(copy.deepcopy(model), _qrnn_run(x))
+    compiled = dsf_compile.apply(copy.deepcopy(model), compiler="aot_eager")
+    with pytest.warns(UserWarning, match="rewrote no recurrent loop"):
+        got_out, got = _train(compiled, _qrnn_run(x))
+    assert all(g.shape == w.shape and rel_err(g, w) <= 1e-12 for g, w in zip(got_out, want_out))
+    assert all(rel_err(g, w) <= 1e-12 for g, w in zip(got, want))
+    (entry,) = dsf_compile.report(compiled).left_exact
+    assert "would change output 0 from (6, 3, 5) torch.float64 to (6, 6, 3, 5)" in entry.reason

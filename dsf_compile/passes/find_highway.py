@@ -14,6 +14,12 @@ elementwise ops beside the step it comes with, not another evaluation of the ste
 
 A path from one carry into another (an LSTM's ``c`` into ``h``) is not on the diagonal of
 the concatenated state and does not count.  A carry with no path has ``K = 0``.
+
+Why the path's K is a diagonal, element i of the old carry to element i of the new: the
+path's ops are elementwise (an operand broadcast into a result never has fewer elements)
+or reshapes that keep the elements' order (``view``, ``reshape``, ``squeeze``, ...: as
+many elements), and it starts and ends at the carry's shape, so every value on it has as
+many elements as the carry, in the carry's order (broadcasting adds only leading ones).
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import operator
 import torch
 import torch.fx
 
+_RESHAPES = (torch.reshape, "reshape", "view", "view_as", torch.flatten, "flatten", torch.squeeze, "squeeze",
+             torch.unsqueeze, "unsqueeze")
 # elementwise ops linear in the operand positions listed (None: in every tensor operand)
 _LINEAR_IN: dict[object, tuple[int, ...] | None] = {
     operator.add: None, torch.add: None, "add": None,
@@ -35,6 +43,8 @@ _LINEAR_IN: dict[object, tuple[int, ...] | None] = {
     torch.lerp: (0, 1), "lerp": (0, 1),
     torch.clone: None, "clone": None, "contiguous": (0,),
     "to": (0,), "float": (0,), "double": (0,), "type_as": (0,),
+    # shape changes that keep the elements' order (a QRNN step's ``(...).view(B, H)``)
+    **dict.fromkeys(_RESHAPES, (0,)),
 }
 
 
@@ -113,9 +123,10 @@ def _derivative(target, args: tuple, kwargs: dict, d: tuple, dk: dict, out):
     if name == "lerp":
         (_, dstart), (_, dend), (weight, _) = get(0, "input"), get(1, "end"), get(2, "weight")
         return total(scaled(dstart, 1 - weight), scaled(dend, weight))
-    # pos, clone, contiguous, to, float, double, type_as: the value passes unchanged
+    # pos, clone, contiguous, to, float, double, type_as: the value passes unchanged; a
+    # reshape keeps the order of the elements, and so of their derivatives
     first = d[0] if d else None
-    return None if first is None else first.to(out.dtype)
+    return None if first is None else first.to(out.dtype).reshape(out.shape)
 
 
 class HighwayStep(torch.fx.Interpreter):
@@ -146,5 +157,8 @@ class HighwayStep(torch.fx.Interpreter):
                 args, kwargs = self.fetch_args_kwargs_from_env(node)
                 d = tuple(derivative.get(a) if isinstance(a, torch.fx.Node) else None for a in node.args)
                 dk = {k: derivative.get(a) if isinstance(a, torch.fx.Node) else None for k, a in node.kwargs.items()}
-                derivative[node] = _derivative(node.target, args, kwargs, d, dk, out)
+                found = _derivative(node.target, args, kwargs, d, dk, out)
+                # an operand broadcast into a larger result (``c + (1 - f) * h`` with ``h``
+                # of shape (B, H), ``c`` (1, B, H)): the same derivative at every copy
+                derivative[node] = found if found is None or found.shape == out.shape else found.expand(out.shape)
         return out

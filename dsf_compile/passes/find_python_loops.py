@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_flatten
 from ..cells import DECOMPOSED_CELL_OPS
 from ..loop_ir import LeftExact, LoopIR
 from .find_rnn_ops import RECURRENT_OPS
-from .provenance import common_source, module_path, user_source
+from .provenance import common_source, module_path, user_name
 
 _SEQUENCE_SPLITS = {"unbind", "split", "chunk"}
 _RANDOM_OPS = ("dropout", "rand", "bernoulli", "normal", "multinomial", "uniform", "poisson", "exponential")
@@ -124,15 +124,20 @@ def _slice_of(node: torch.fx.Node) -> tuple[tuple, torch.fx.Node, str, int, int,
 
 
 def step_input_families(graph: torch.fx.Graph) -> dict[torch.fx.Node, StepInputFamily]:
-    """Every family with at least two members, keyed by member node."""
+    """Every family with at least two members, keyed by member node.  A slice taken again
+    (``x[t]`` read by a forward loop, then by a backward one) joins the next family of the
+    same source and pattern: each family holds one slice per step."""
     families: dict[tuple, StepInputFamily] = {}
     for node in graph.nodes:
         found = _slice_of(node)
         if found is None:
             continue
         key, src, kind, dim, index, after = found
-        family = families.setdefault(key, StepInputFamily(key, src, kind, dim, after=after))
-        family.members.setdefault(index, node)
+        occurrence = 0
+        while index in families.get((*key, occurrence), StepInputFamily(key, src, kind, dim)).members:
+            occurrence += 1
+        family = families.setdefault((*key, occurrence), StepInputFamily(key, src, kind, dim, after=after))
+        family.members[index] = node
     return {m: f for f in families.values() if len(f.members) > 1 for m in f.members.values()}
 
 
@@ -153,7 +158,13 @@ class PythonLoop:
 
 
 class NotALoop(Exception):
-    """Why a proposed segmentation is not a loop we can re-roll."""
+    """Why a proposed segmentation is not a loop we can re-roll.  ``settled``: the steps
+    were read as one computation repeated (the reason is about the loop, not about where
+    its steps were looked for), which makes it the reason a report gives."""
+
+    def __init__(self, reason: str, settled: bool = False) -> None:
+        super().__init__(reason)
+        self.settled = settled
 
 
 @dataclass
@@ -194,6 +205,9 @@ def _check_segments(segments, families) -> _Check:
 def _check_leaf(t, k, i, la, lb, where, families, check: _Check) -> None:
     if not isinstance(lb, torch.fx.Node) or not isinstance(la, torch.fx.Node):
         if isinstance(la, torch.fx.Node) or isinstance(lb, torch.fx.Node) or not _same_constant(la, lb):
+            step = [n for n, (s, _) in where.items() if s == 0]
+            if _writes_in_place(step[k]):  # ``out[:, t] = h``: the write is what keeps it exact
+                raise NotALoop(step_problems(step), settled=True)
             raise NotALoop(f"step {t} differs from step 0: a constant argument changes ({la!r} vs {lb!r})")
         return
     if lb in where:
@@ -252,15 +266,10 @@ def _index_of(family: StepInputFamily, node: torch.fx.Node) -> int:
     raise KeyError(node)
 
 
-def _propose(position: dict[torch.fx.Node, int], family: StepInputFamily) -> tuple[int, int, list[int]]:
-    """(first anchor position, step size, member indices in step order) from a family;
-    ``position`` numbers the graph's calls in order."""
-    anchors = []
-    for index, member in family.members.items():
-        uses = [position[u] for u in member.users if u in position]
-        if uses:
-            anchors.append((min(uses), index))
-    anchors.sort()
+def _propose(anchors: list[tuple[int, int]]) -> tuple[int, int, list[int]]:
+    """(first anchor position, step size, indices in step order) from ``anchors``, one
+    ``(position, index)`` per step: where each step's first op is."""
+    anchors = sorted(anchors)
     if len(anchors) < 2:
         raise NotALoop("fewer than two steps use the input")
     # The longest run of evenly spaced uses is the loop; a slice or two used before or
@@ -276,8 +285,6 @@ def _propose(position: dict[torch.fx.Node, int], family: StepInputFamily) -> tup
         raise NotALoop(f"steps are not the same computation (their sizes differ: {sorted(set(gaps))} ops)")
     run = anchors[best_start : best_start + best_length]
     return run[0][0], gaps[best_start], [index for _, index in run]
-
-
 def _carry_shape_problem(node: torch.fx.Node) -> str | None:
     value = node.meta.get("example_value")
     if not isinstance(value, torch.Tensor):
@@ -321,18 +328,180 @@ def _score(segments, check: _Check) -> tuple[int, int]:
     return len(carries), -used_after
 
 
-def _segmentations(calls, position, family):
+def _segmentations(calls, start: int, size: int, steps: int):
     """Candidate splits of the calls into steps, in groups: every phase of the proposed
     run of steps, then (if none of those is a loop) of the run without its first step,
     then without its last.  A slice used outside the loop can fall in step with it by
     chance (``alpha = start + x[0]`` before ``alpha = f(alpha) + x[t]`` for t ≥ 1: both
     uses are the last op of a stretch of the same length)."""
-    start, size, order = _propose(position, family)
-    steps = len(order)
     runs = [(start, steps)] + ([(start + size, steps - 1), (start, steps - 1)] if steps > 2 else [])
     for first, count in runs:
         yield [[calls[first - phase + t * size : first - phase + (t + 1) * size] for t in range(count)]
                for phase in range(size) if first - phase >= 0 and first - phase + count * size <= len(calls)]
+
+
+def _first_uses(node: torch.fx.Node, position: dict, families: dict, depth: int = 3) -> list[int]:
+    """Positions of the calls that read ``node``, looking through slices of it that are
+    slices themselves (``inputs[:, :, t:t+1][:, 0]``), which are not numbered calls."""
+    found = []
+    for user in node.users:
+        if user in position:
+            found.append(position[user])
+        elif user in families and depth:
+            found += _first_uses(user, position, families, depth - 1)
+    return found
+
+
+def _family_anchors(family: StepInputFamily, position: dict, families: dict, taken: set) -> list[tuple[int, int]]:
+    """(position of its first use not yet part of a loop, index) of each member."""
+    anchors = []
+    for index, member in family.members.items():
+        uses = [p for p in _first_uses(member, position, families) if p not in taken]
+        if uses:
+            anchors.append((min(uses), index))
+    return anchors
+
+
+def _repeated_ops(calls: list[torch.fx.Node], taken: set) -> list[list[tuple[int, int]]]:
+    """Anchors of ops that Dynamo copied from one line of a loop (the same op, the same
+    stack trace) at least twice, outside the loops found and refused: candidates for a
+    loop that reads no per-step input."""
+    groups: dict[tuple, list[int]] = {}
+    for p, node in enumerate(calls):
+        trace = node.meta.get("stack_trace")
+        if trace and p not in taken:
+            groups.setdefault((node.op, node.target, trace), []).append(p)
+    return [[(p, i) for i, p in enumerate(positions)] for positions in groups.values() if len(positions) > 1]
+
+
+@dataclass
+class _Refusal:
+    """A candidate loop that was not re-rolled: where its steps would be, and why not."""
+
+    span: tuple[int, int]  # first and last position of the calls it covers
+    what: str  # "" for a loop anchored on repeated ops: named after its first step
+    step: list[torch.fx.Node]  # the calls of its first step (where the steps were found)
+    reason: NotALoop
+
+
+def _attempt(calls, position, anchors, families, taken) -> tuple[PythonLoop | None, NotALoop | None, tuple[int, int]]:
+    """The loop whose steps start at ``anchors``, or why there is none; and the span of
+    calls it was looked for in."""
+    try:
+        start, size, order = _propose(anchors)
+    except NotALoop as reason:
+        positions = [p for p, _ in anchors]
+        return None, reason, (min(positions), max(positions))
+    span = (max(0, start - size + 1), min(len(calls) - 1, start + len(order) * size))
+    best, reasons = None, []
+    for candidates in _segmentations(calls, start, size, len(order)):
+        for segments in candidates:
+            if any(position[n] in taken for seg in segments for n in seg):
+                continue
+            try:
+                check = _check_segments(segments, families)
+            except NotALoop as reason:
+                reasons.append(reason)
+                continue
+            if not check.carry_slots:
+                reasons.append(NotALoop("no value is carried from one step to the next"))
+                continue
+            carried = [segments[0][j] for j in set(check.carry_slots.values())]
+            if any(not isinstance(n.meta.get("example_value"), torch.Tensor) for n in carried):
+                # a cut between ``lstm_cell(...)`` and its ``h, c`` items carries the tuple:
+                # another phase carries the tensors
+                reasons.append(NotALoop(next(_carry_shape_problem(n) for n in carried
+                                             if not isinstance(n.meta.get("example_value"), torch.Tensor))))
+                continue
+            if best is None or _score(segments, check) < _score(*best):
+                best = (segments, check)
+        if best is not None:
+            break
+    if best is None:
+        settled = [r for r in reasons if r.settled]
+        return None, (settled or reasons or [NotALoop("no segmentation of the steps fits")])[0], span
+    try:
+        segments, check, note = _peel_a_reshaping_first_step(*best, families)
+        return _build(segments, check, families, note), None, span
+    except NotALoop as reason:
+        return None, reason, span
+    except Exception as error:  # never fail compilation over a loop we cannot read: leave it exact
+        return None, NotALoop(f"not understood ({type(error).__name__}: {error})", settled=True), span
+
+
+def find_python_loops(gm: torch.fx.GraphModule) -> tuple[list[PythonLoop], list[LeftExact]]:
+    """Every re-rollable Python loop in ``gm``, and one entry for each loop refused.
+
+    Candidates are anchored on step-input families (each family tried again after every
+    loop it yields: two loops, forwards and backwards over one ``x[t]``, read the same
+    slices), then on ops repeated with one stack trace outside them (a loop that reads no
+    per-step input, which is left exact).  Refusals whose steps overlap are one loop: the
+    report names it once, with the reason of the candidate that was read as a loop if one
+    was."""
+    restore_unused_outputs(gm.graph)
+    families = step_input_families(gm.graph)
+    calls = [n for n in gm.graph.nodes if _is_call(n) and n not in families]
+    position = {node: p for p, node in enumerate(calls)}
+    loops: list[PythonLoop] = []
+    refusals: list[_Refusal] = []
+    taken: set[int] = set()  # positions of calls inside found loops
+
+    def take(loop: PythonLoop) -> None:
+        loops.append(loop)
+        taken.update(position[n] for seg in loop.segments for n in seg)
+
+    pending = list({id(f): f for f in families.values()}.values())
+    progress = True
+    while progress:
+        progress = False
+        for family in list(pending):
+            anchors = _family_anchors(family, position, families, taken)
+            if len(anchors) < 2:
+                pending.remove(family)
+                continue
+            loop, reason, span = _attempt(calls, position, anchors, families, taken)
+            if loop is not None:
+                take(loop)
+                progress = True
+                continue
+            pending.remove(family)
+            if reason.settled or _looks_like_a_loop(family):
+                refusals.append(_Refusal(span, f"loop over {user_name(family.source)}", _first_step(calls, anchors),
+                                         reason))
+    refused = {p for r in refusals for p in range(r.span[0], r.span[1] + 1)}
+    for anchors in _repeated_ops(calls, taken | refused):
+        if any(p in taken or p in refused for p, _ in anchors):
+            continue
+        loop, reason, span = _attempt(calls, position, anchors, families, taken)
+        if loop is None and reason.settled:  # the same computation repeated, with carries: a loop
+            refusals.append(_Refusal(span, "", _first_step(calls, anchors), reason))
+            refused.update(range(span[0], span[1] + 1))
+    return loops, _one_entry_per_loop(refusals)
+
+
+def _one_entry_per_loop(refusals: list[_Refusal]) -> list[LeftExact]:
+    """Refusals whose spans overlap belong to one loop (a step input and the slices of a
+    value inside its step, say): one entry each, named after the widest candidate, with
+    the reason of one read as a loop (settled) if any."""
+    groups: list[list[_Refusal]] = []
+    for refusal in sorted(refusals, key=lambda r: r.span):
+        if groups and refusal.span[0] <= max(r.span[1] for r in groups[-1]):
+            groups[-1].append(refusal)
+        else:
+            groups.append([refusal])
+    entries = []
+    for group in groups:
+        widest = max(group, key=lambda r: r.span[1] - r.span[0])
+        reason = next((r.reason for r in group if r.reason.settled), widest.reason)
+        what, source = describe_step(widest.step)
+        entries.append(LeftExact(widest.what or what, source, str(reason)))
+    return entries
+
+
+def _first_step(calls: list[torch.fx.Node], anchors: list[tuple[int, int]]) -> list[torch.fx.Node]:
+    """The calls from the first anchor to the second: one step, where anchors are steps."""
+    first, second = sorted(p for p, _ in anchors)[:2]
+    return calls[first : max(second, first + 1)]
 
 
 def _looks_like_a_loop(family: StepInputFamily) -> bool:
@@ -371,67 +540,43 @@ def restore_unused_outputs(graph: torch.fx.Graph) -> None:
             previous = taken[index]
 
 
-def find_python_loops(gm: torch.fx.GraphModule) -> tuple[list[PythonLoop], list[LeftExact]]:
-    """Every re-rollable Python loop in ``gm``, and the loop-like patterns we refused."""
-    restore_unused_outputs(gm.graph)
-    families = step_input_families(gm.graph)
-    calls = [n for n in gm.graph.nodes if _is_call(n) and n not in families]
-    position = {node: p for p, node in enumerate(calls)}
-    loops: list[PythonLoop] = []
-    left: list[LeftExact] = []
-    used: set[torch.fx.Node] = set()
-    seen: set[int] = set()
-    for family in {id(f): f for f in families.values()}.values():
-        if id(family) in seen:
-            continue
-        seen.add(id(family))
-        where = next(iter(family.members.values()))
-        try:
-            best = None
-            reasons = []
-            for candidates in _segmentations(calls, position, family):
-                for segments in candidates:
-                    if any(n in used for seg in segments for n in seg):
-                        continue
-                    try:
-                        check = _check_segments(segments, families)
-                    except NotALoop as reason:
-                        reasons.append(str(reason))
-                        continue
-                    if not check.carry_slots:
-                        reasons.append("no value is carried from one step to the next")
-                        continue
-                    if best is None or _score(segments, check) < _score(*best):
-                        best = (segments, check)
-                if best is not None:
-                    break
-            if best is None:
-                raise NotALoop(reasons[0] if reasons else "no segmentation of the steps fits")
-            loop = _build(*best, families)
-        except Exception as error:  # never fail compilation over a loop we cannot read: leave it exact
-            reason = error if isinstance(error, NotALoop) else f"not understood ({type(error).__name__}: {error})"
-            if _looks_like_a_loop(family):
-                users = [u for m in family.members.values() for u in m.users]
-                node = users[0] if users else where
-                left.append(LeftExact(f"loop over {family.source.name}", user_source(node), str(reason)))
-            continue
-        for f in {id(f): f for f, _ in loop.step_inputs}.values():
-            seen.add(id(f))
-        used.update(n for seg in loop.segments for n in seg)
-        loops.append(loop)
-    return loops, left
+def is_identity_dropout(node: torch.fx.Node) -> bool:
+    """Dropout that draws nothing: in eval mode, or with p = 0."""
+    if "dropout" not in _name(node).lower():
+        return False
+    arguments = _dropout_arguments(node)
+    return arguments is not None and (arguments[1] is False or arguments[0] == 0)
+
+
+def _dropout_arguments(node: torch.fx.Node) -> tuple | None:
+    """(p, training) of a dropout call (``F.dropout(x, p, training)``, ``torch.dropout(x, p,
+    train)``), None where they are not constants."""
+    p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+    training = node.kwargs.get("training", node.kwargs.get("train", node.args[2] if len(node.args) > 2 else True))
+    if isinstance(p, (int, float)) and isinstance(training, bool):
+        return p, training
+    return None
 
 
 def random_op_problem(nodes) -> str | None:
     """Random ops in a step cannot be rewritten: the rolled forward and the batched
-    recomputation would draw different masks, and the gradient would belong to neither."""
+    recomputation would draw different masks, and the gradient would belong to neither.
+    Dropout that draws nothing (eval mode, p = 0) is the identity."""
     for node in nodes:
-        name = _name(node).lower()
-        if "dropout" in name and node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True) is False:
-            continue  # dropout in eval mode is the identity
-        if any(word in name for word in _RANDOM_OPS):
+        if is_identity_dropout(node):
+            continue
+        if any(word in _name(node).lower() for word in _RANDOM_OPS):
             return f"the step draws random numbers ({_name(node)}): the rewrite would not replay them"
     return None
+
+
+def step_problems(nodes) -> str:
+    """Everything in a step's ``nodes`` that keeps its loop exact, said at once ("" if nothing)."""
+    inner = next((n for n in nodes if n.op == "call_function" and n.target in RECURRENT_OPS), None)
+    # the batched step would vmap a whole recurrent op, which has no batching rule
+    recurrent = inner and f"the step calls a recurrent module ({_name(inner)}): a loop around one is not re-rolled"
+    found = [random_op_problem(nodes), mutation_problem(nodes), recurrent]
+    return "; and ".join(problem for problem in found if problem)
 
 
 # Python's augmented assignments on tensors (``g += ...``) and item assignment.
@@ -475,24 +620,64 @@ def mutation_problem(nodes) -> str | None:
     return None
 
 
-def _build(segments, check: _Check, families) -> PythonLoop:
+def describe_step(step: list[torch.fx.Node]) -> tuple[str, str]:
+    """A loop as a report names it, from the nodes of one of its steps: ``Python loop in
+    'encoder.cell'`` (the innermost module every op of the step runs in) and the line
+    that runs the step (their innermost common frame)."""
+    paths = [module_path(n).split(".") for n in step if n.meta.get("nn_module_stack")]
+    common = paths[0] if paths else []
+    for p in paths[1:]:
+        while common and p[: len(common)] != common:
+            common = common[:-1]
+    path = ".".join(common)
+    return f"Python loop{' in ' + repr(path) if path else ''}", common_source(step)
+
+
+def _carry_name(node: torch.fx.Node) -> str:
+    """A carried value as the program names it (Dynamo numbers each step's copy: ``h_3``)."""
+    return re.sub(r"_\d+$", "", node.name)
+
+
+def _same_shape(a, b) -> bool:
+    return len(a.shape) == len(b.shape) and all(statically_known_true(x == y) for x, y in zip(a.shape, b.shape))
+
+
+def _peel_a_reshaping_first_step(segments, check: _Check, families):
+    """The loop without its first step if that step reads a carry of another shape than
+    the step produces (``h`` starting as ``(1, B, H)``, each step returning ``(...).view(B, H)``):
+    the steps are the same ops, but only the later ones compute on the carry's own shape,
+    so the first runs as written and its new values start the loop.  (Reshaping the
+    initial value instead would change what ops that name a dimension compute.)
+    Returns ``(segments, check, note)``."""
+    reshaped = []
+    for j, init in check.init.items():
+        before, after = init.meta.get("example_value"), segments[0][j].meta.get("example_value")
+        if isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor) and not _same_shape(before, after):
+            reshaped.append(f"{_carry_name(segments[0][j])} {tuple(before.shape)} → {tuple(after.shape)}")
+    if not reshaped:
+        return segments, check, ""
+    if len(segments) < 3:
+        raise NotALoop(f"the first step reshapes the carried values ({', '.join(reshaped)}) and one step is left",
+                       settled=True)
+    note = (f"first step run as written, the loop from the second: it reshapes the initial values "
+            f"({', '.join(reshaped)}); its gradient to them is exact")
+    return segments[1:], _check_segments(segments[1:], families), note
+
+
+def _build(segments, check: _Check, families, note: str = "") -> PythonLoop:
     carry_positions = sorted(set(check.carry_slots.values()))
-    problem = random_op_problem(segments[0]) or mutation_problem(segments[0])
+    problem = step_problems(segments[0])
     if problem:
-        raise NotALoop(problem)
-    inner = next((n for n in segments[0] if n.op == "call_function" and n.target in RECURRENT_OPS), None)
-    if inner is not None:
-        # the batched step would vmap a whole recurrent op, which has no batching rule
-        raise NotALoop(f"the step calls a recurrent module ({_name(inner)}): a loop around one is not re-rolled")
+        raise NotALoop(problem, settled=True)
     for j in carry_positions:
         problem = _carry_shape_problem(segments[0][j])
         if problem:
-            raise NotALoop(problem)
+            raise NotALoop(problem, settled=True)
     # slices of in-step values (``a, b = gates.chunk(2)``) belong to their step
     pieces = [u for seg in segments for n in seg for u in n.users if u in families and families[u].source is n]
     inside = {node for seg in segments for node in seg} | set(pieces)
     if any(u not in inside for p in pieces for u in p.users):
-        raise NotALoop("a piece of a value computed inside the step is used after the loop")
+        raise NotALoop("a piece of a value computed inside the step is used after the loop", settled=True)
     first = segments[0]
     outside_users = [
         k for k in range(len(first)) if any(u not in inside for seg in segments for u in seg[k].users)
@@ -511,9 +696,10 @@ def _build(segments, check: _Check, families) -> PythonLoop:
     step_inputs = []
     strides = {s for _, s in check.step_slots.values()}
     if not strides:
-        raise NotALoop("the steps read no per-step input")
+        raise NotALoop("no per-step input: each step reads only values of the step before (a loop that feeds its "
+                       "own output back, as generation does); loops over a sequence are rewritten", settled=True)
     if len(strides) != 1:
-        raise NotALoop("the step reads one input forwards and another backwards in time")
+        raise NotALoop("the step reads one input forwards and another backwards in time", settled=True)
     reverse = strides.pop() < 0
     for family in step_families:
         stride = -1 if reverse else 1
@@ -522,20 +708,13 @@ def _build(segments, check: _Check, families) -> PythonLoop:
         step_inputs.append((family, [index0 + t * stride for t in range(steps)]))
     problem = _layout_problem([first[j] for j in carry_positions], step_families)
     if problem:
-        raise NotALoop(problem)
-    paths = [module_path(n).split(".") for n in first if n.meta.get("nn_module_stack")]
-    common = paths[0] if paths else []
-    for p in paths[1:]:
-        while common and p[: len(common)] != common:
-            common = common[:-1]
-    path = ".".join(common)
-    what = f"Python loop{' in ' + repr(path) if path else ''}"
-    source = common_source(first)
+        raise NotALoop(problem, settled=True)
+    what, source = describe_step(first)
     batch = segments[0][carry_positions[0]].meta["example_value"].shape[0]
     loop = LoopIR(
         name=f"{what} at {source}",
         body=body,
-        carry_names=tuple(re.sub(r"_\d+$", "", segments[0][j].name) for j in carry_positions),
+        carry_names=tuple(_carry_name(segments[0][j]) for j in carry_positions),
         carry_sizes=tuple(int(segments[0][j].meta["example_value"].shape[1]) for j in carry_positions),
         num_step_inputs=len(step_inputs),
         num_invariants=len(invariants),
@@ -544,6 +723,7 @@ def _build(segments, check: _Check, families) -> PythonLoop:
         source=source,
         length=steps,
         batch=batch,
+        note=note,
     )
     return PythonLoop(
         loop=loop,
@@ -600,8 +780,14 @@ def _step_graph(first, check: _Check, outputs, carry_positions, step_families, n
     invariant_nodes: list[torch.fx.Node] = []
     for k in copied:
         for kind, what in leaves[k]:
-            if kind == "invariant" and what not in invariant_nodes:
+            if kind == "invariant" and what not in invariant_nodes and not _is_size(what):
                 invariant_nodes.append(what)
+    # where each size the step reads from outside (a symbolic batch size in ``.view(B, H)``)
+    # is a dimension of one of its own tensors: read there, in the body, at every step
+    tensors = [*((("prev", j), first[j]) for j in carry_positions), *((("internal", j), first[j]) for j in given),
+               *((("step", i), next(iter(f.members.values()))) for i, f in enumerate(step_families)
+                 if isinstance(f, StepInputFamily)),  # (a scan's step inputs are its placeholders)
+               *((("invariant", node), node) for node in invariant_nodes)]
 
     graph = torch.fx.Graph()
     env: dict[tuple, torch.fx.Node] = {}
@@ -616,6 +802,11 @@ def _step_graph(first, check: _Check, outputs, carry_positions, step_families, n
     def lookup(kind, what):
         if kind == "constant":
             return what
+        if kind == "invariant" and _is_size(what):
+            if ("size", what) not in env:
+                key, dim = _dimension_of(what, tensors)
+                env["size", what] = graph.call_method("size", (env[key], dim))
+            return env["size", what]
         if kind == "piece" and (kind, what) not in env:
             env[kind, what] = graph.call_function(operator.getitem, (env["internal", what[0]], what[1]))
         return env[kind, what]
@@ -624,7 +815,12 @@ def _step_graph(first, check: _Check, outputs, carry_positions, step_families, n
         spec = _flat_args(first[k])[1]
         values = [lookup(kind, what) for kind, what in leaves[k]]
         args, kwargs = spec.unflatten(values)
-        if first[k].op == "call_method":
+        if first[k].target is operator.getitem and isinstance(args[0], (tuple, list)):
+            # ``h, c = lstm_cell(...)``: the inlined cell's own values, not ops on a tuple
+            env["internal", k] = args[0][args[1]]
+        elif is_identity_dropout(first[k]):  # eval mode or p = 0: its input, and nothing to replay
+            env["internal", k] = args[0] if args else kwargs["input"]
+        elif first[k].op == "call_method":
             env["internal", k] = graph.call_method(first[k].target, tuple(args), dict(kwargs))
         elif first[k].target in DECOMPOSED_CELL_OPS:
             env["internal", k] = _inline_cell(graph, first[k].target, args, kwargs)
@@ -632,6 +828,22 @@ def _step_graph(first, check: _Check, outputs, carry_positions, step_families, n
             env["internal", k] = graph.call_function(first[k].target, tuple(args), dict(kwargs))
     graph.output(tuple(env["internal", k] for k in outputs))
     return torch.fx.GraphModule(torch.nn.Module(), graph), invariant_nodes
+
+
+def _is_size(node: torch.fx.Node) -> bool:
+    return isinstance(node.meta.get("example_value"), torch.SymInt)
+
+
+def _dimension_of(size: torch.fx.Node, tensors: list[tuple[tuple, torch.fx.Node]]) -> tuple[tuple, int]:
+    """(where in the body, dim) of a tensor of the step whose dimension ``dim`` is ``size``."""
+    symbol = size.meta["example_value"].node.expr
+    for key, node in tensors:
+        value = node.meta.get("example_value")
+        if isinstance(value, torch.Tensor):
+            for dim, extent in enumerate(value.shape):
+                if isinstance(extent, torch.SymInt) and extent.node.expr == symbol:
+                    return key, dim
+    raise NotALoop(f"the step reads a size ({size.name}) that none of its tensors has as a dimension", settled=True)
 
 
 @functools.cache
@@ -645,7 +857,16 @@ def _inline_cell(graph: torch.fx.Graph, op, args, kwargs):
     traced = _traced_cell(op)
     placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
     values = list(args) + [kwargs.get(p.target) for p in placeholders[len(args) :]]
-    return graph.graph_copy(traced.graph, dict(zip(placeholders, values)))
+    copied = dict(zip(placeholders, values))
+    result = graph.graph_copy(traced.graph, copied)
+    # ``hx[1]`` of an LSTM cell's ``(h, c)`` argument: the carry itself, not an op on a
+    # tuple (which no later pass, the highway path's above all, would see through)
+    for node in copied.values():
+        if (isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is operator.getitem
+                and isinstance(node.args[0], (tuple, list)) and isinstance(node.args[1], int)):
+            node.replace_all_uses_with(node.args[0][node.args[1]])
+            graph.erase_node(node)
+    return result
 
 
 def _ancestors(first: list[torch.fx.Node], outputs: list[int], stop: set[int], families) -> set[int]:

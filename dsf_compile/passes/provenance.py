@@ -33,18 +33,30 @@ def user_source(node: torch.fx.Node) -> str:
 
 
 def common_source(nodes: list[torch.fx.Node]) -> str:
-    """The innermost frame shared by all ``nodes``: for the nodes of one loop step, the
-    line in the loop that calls the step (``h = cell(x[:, t], h)``)."""
+    """Where all ``nodes`` run, as ``file:line``: for the nodes of one loop step, the line
+    in the loop that calls the step (``h = cell(x[:, t], h)``).  Their innermost shared
+    frame; where the step spans several lines of one function (``h = cell(x, h)`` then
+    ``y = head(h)``), the first of them."""
     stacks = [_frames(n) for n in nodes if _frames(n)]
     if not stacks:
         return "?"
-    common = stacks[0]
-    for frames in stacks[1:]:
-        n = 0
-        while n < min(len(common), len(frames)) and common[n] == frames[n]:
-            n += 1
-        common = common[:n]
-    return _format(common[-1]) if common else _format(stacks[0][-1])
+    depth = 0
+    while all(len(f) > depth for f in stacks) and len({_function(f[depth]) for f in stacks}) == 1:
+        if len({f[depth] for f in stacks}) > 1:  # one function, several of its lines
+            return min((_format(f[depth]) for f in stacks), key=_line_number)
+        depth += 1
+    return _format(stacks[0][depth - 1]) if depth else _format(stacks[0][-1])
+
+
+def _function(frame: str) -> tuple[str, str]:
+    """(file, function) of a ``File "...", line N, in name`` frame."""
+    parts = frame.split('"')
+    return (parts[1], parts[2].rsplit(" in ", 1)[-1]) if len(parts) >= 3 else (frame, "")
+
+
+def _line_number(source: str) -> int:
+    line = source.rsplit(":", 1)[-1]
+    return int(line) if line.isdigit() else 0
 
 
 def module_path(node: torch.fx.Node) -> str:
@@ -57,3 +69,15 @@ def module_path(node: torch.fx.Node) -> str:
     # method called from another one is reached through apply's wrapper of that method:
     # "L['self'].forward.compiled_model.encoder.rnn"
     return re.sub(r"^L\['[^']*'\]\.?(\w+\.compiled_model\.)?", "", path)
+
+
+def user_name(node: torch.fx.Node) -> str:
+    """The name the user's program gives a value, as far as Dynamo's node names tell it:
+    ``l_inputs_`` (an argument ``inputs``) → ``inputs``, ``h_3`` (step 3's ``h``) → ``h``,
+    ``l_self_modules_rnn_parameters_weight_`` → ``self.rnn.weight``."""
+    name = node.name
+    if name.startswith(("l_", "L_")):
+        name = name[2:].rstrip("_")
+        if name.startswith("self_"):
+            name = "self." + re.sub(r"(modules|parameters|buffers)_", "", name[5:]).replace("_", ".")
+    return re.sub(r"_\d+$", "", name)
