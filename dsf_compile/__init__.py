@@ -18,12 +18,14 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .backend import DEFAULT_MOMENTUM, DSFBackend, DSFError, UnsupportedLoopError
+from .backend import DSFBackend, DSFError, UnsupportedLoopError
 from .feedback import Feedback, FeedbackError
 from .fidelity import Fidelity, ParameterFidelity, compare_gradients
+from .loop_backward import LoopBackward
 from .loop_ir import LeftExact, LoopIR
 from .ops import loop_states, reverse_linear_scan
 from .report import LoopReport, Report
+from .rules import RULES, Rule, register_rule
 from .traced_rnn import opaque_rnn_calls
 
 RECOMPILE_LIMIT = 64
@@ -35,39 +37,42 @@ __all__ = [
     "FeedbackError",
     "Fidelity",
     "LeftExact",
+    "LoopBackward",
     "LoopIR",
     "LoopReport",
     "ParameterFidelity",
+    "RULES",
     "Report",
+    "Rule",
     "UnsupportedLoopError",
     "apply",
     "backend",
     "explain",
     "gradient_fidelity",
     "loop_states",
+    "register_rule",
     "report",
     "reverse_linear_scan",
 ]
 
 
 def backend(
-    mode: str = "dsf",
+    mode: str | Rule = "dsf",
     feedback: Feedback = "linspace",
     *,
     seed: int = 0,
     strict: bool = False,
     compiler: str = "inductor",
-    iterations: int | None = None,
-    momentum: float = DEFAULT_MOMENTUM,
+    **options: Any,
 ) -> DSFBackend:
-    """A backend for ``torch.compile(fn, backend=dsf_compile.backend(...))``.
+    """A backend for ``torch.compile(fn, backend=dsf_compile.backend(...))``, with
+    :func:`apply`'s options.
 
     Call the compiled function inside :func:`recurrent_ops_visible` (or set
     ``torch._dynamo.config.allow_rnn = True``) so that nn.RNN/GRU/LSTM reach it;
     :func:`apply` does this for you.
     """
-    return DSFBackend(mode, feedback, seed=seed, strict=strict, compiler=compiler, iterations=iterations,
-                      momentum=momentum)
+    return DSFBackend(mode, feedback, seed=seed, strict=strict, compiler=compiler, **options)
 
 
 @contextlib.contextmanager
@@ -213,7 +218,7 @@ class _CompiledForward:
 
 def apply(
     model: nn.Module,
-    mode: str = "dsf",
+    mode: str | Rule = "dsf",
     feedback: Feedback = "linspace",
     *,
     seed: int = 0,
@@ -221,23 +226,28 @@ def apply(
     compiler: str = "inductor",
     dynamic: bool | None = None,
     methods: Sequence[str] = ("forward",),
-    iterations: int | None = None,
-    momentum: float = DEFAULT_MOMENTUM,
+    **options: Any,
 ) -> nn.Module:
     """Compile ``model`` in place so that its recurrent loops train with ``mode``.
 
-    ``mode``: ``"dsf"`` (diagonal state feedback), ``"ft"`` (fully truncated, λ = 0),
+    ``mode`` names a backward rule of :data:`dsf_compile.RULES`, with its options given by
+    name: ``"dsf"`` (diagonal state feedback), ``"ft"`` (fully truncated, λ = 0),
     ``"highway"`` (Highway-BP: ``iterations`` refinements, default 1, of a backward whose
     diagonal is each step's own residual path — a GRU's update gate, an LSTM's forget gate;
-    after k of them the last k+1 steps' gradients are exact, DESIGN.md §7) or ``"bptt"``
-    (exact gradients).  ``feedback`` sets λ per loop for ``"dsf"``: ``"linspace"`` (λ =
-    linspace(0, 1, state size), the paper's choice), ``"uniform"`` (U[0, 1) drawn from
-    ``seed``, different per loop), ``"adaptive"`` (λ = clip(mean over steps and rows of the
-    step Jacobian's diagonal, 0, 1), estimated at every backward with one Rademacher probe
-    and smoothed across steps by ``momentum``, default 0.9), a float, a 1-D tensor (for every
-    loop of that state size) or a callable ``LoopIR -> λ``.  ``strict=True`` makes anything that would be
-    left exact an error.  ``compiler``: ``"inductor"``, or ``"aot_eager"`` to run the
-    rewritten graphs without code generation (fast to build; debugging, tests).
+    after k of them the last k+1 steps' gradients are exact, DESIGN.md §7), ``"tbptt"``
+    (truncated BPTT: every loss term through its last ``window`` transitions), ``"auto"``
+    (Highway-BP with the fewest refinements whose measured gradient cosine to BPTT reaches
+    ``target``, default 0.99, measured every ``every`` backward passes) or ``"bptt"`` (exact
+    gradients); or it is a :class:`Rule` object, a rule of one's own.  ``feedback`` sets
+    λ per loop for ``"dsf"``: ``"linspace"`` (λ = linspace(0, 1, state size), the paper's
+    choice), ``"uniform"`` (U[0, 1) drawn from ``seed``, different per loop),
+    ``"adaptive"`` (λ = clip(mean over steps and rows of the step Jacobian's diagonal, 0,
+    1), estimated at every backward with one Rademacher probe and smoothed across steps by
+    ``momentum``, default 0.9), a float, a 1-D tensor (for every loop of that state size)
+    or a callable ``LoopIR -> λ``.  An option the mode does not read is refused.
+    ``strict=True`` makes anything that would be left exact an error.  ``compiler``:
+    ``"inductor"``, or ``"aot_eager"`` to run the rewritten graphs without code generation
+    (fast to build; debugging, tests).
     ``dynamic`` is passed to ``torch.compile``.  ``methods``: the methods training runs
     through, each compiled (a tagger trained by ``model.neg_log_likelihood(...)`` needs
     ``methods=("forward", "neg_log_likelihood")``); a recurrent module (nn.RNN/GRU/LSTM or
@@ -248,8 +258,7 @@ def apply(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"dsf_compile.apply takes an nn.Module (the model to train), not {type(model).__name__}")
-    dsf_backend = backend(mode, feedback, seed=seed, strict=strict, compiler=compiler, iterations=iterations,
-                          momentum=momentum)
+    dsf_backend = backend(mode, feedback, seed=seed, strict=strict, compiler=compiler, **options)
     for name in methods:
         if not callable(getattr(type(model), name, None)):
             raise ValueError(f"methods: {type(model).__name__} has no method {name!r}")
@@ -328,8 +337,9 @@ def gradient_fidelity(model: nn.Module, closure: Callable[[], Tensor]) -> Fideli
     ``closure()`` runs the model and returns the loss (without calling ``backward``).  It
     is called twice: through the model's compiled methods, then through the same methods
     compiled in exact mode (``mode="bptt"``: the same forward kernels, differentiated
-    exactly), with the random number generators, the model's buffers and adaptive λ
-    estimates set back, so both see the same dropout masks and nothing of the model
+    exactly), with the random number generators, the model's buffers and what the rule
+    keeps between backward passes (adaptive λ estimates, auto's measurements) set back,
+    so both see the same dropout masks and nothing of the model
     changes; ``.grad`` is not touched.  Returns the per-parameter cosine and relative
     error of the mode's gradient against the exact one (:class:`Fidelity`).
     """
@@ -350,7 +360,7 @@ def gradient_fidelity(model: nn.Module, closure: Callable[[], Tensor]) -> Fideli
             exact[name] = _CompiledForward(model, name, compiled, exact_backend, method.dynamic)
     devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-    estimates = dict(dsf_backend.adaptive_estimates)
+    kept = dsf_backend.rule.snapshot()  # what the rule keeps between backward passes
 
     def gradients() -> list[Tensor | None]:
         with torch.random.fork_rng(devices=devices):
@@ -365,8 +375,7 @@ def gradient_fidelity(model: nn.Module, closure: Callable[[], Tensor]) -> Fideli
 
     try:
         got = gradients()
-        dsf_backend.adaptive_estimates.clear()
-        dsf_backend.adaptive_estimates.update(estimates)
+        dsf_backend.rule.restore(kept)
         with dsf_backend.running(accounted=True):
             model.__dict__.update(exact)
             want = gradients()
@@ -378,17 +387,18 @@ def gradient_fidelity(model: nn.Module, closure: Callable[[], Tensor]) -> Fideli
 def explain(
     model: nn.Module,
     *example_args: Any,
-    mode: str = "dsf",
+    mode: str | Rule = "dsf",
     feedback: Feedback = "linspace",
     seed: int = 0,
-    iterations: int | None = None,
-    momentum: float = DEFAULT_MOMENTUM,
+    options: dict | None = None,
     **example_kwargs: Any,
 ) -> Report:
     """Which loops :func:`apply` would rewrite in ``model`` for these inputs, and what it
-    would leave exact and why.  Runs the model once (without gradients); the model
-    itself is not changed."""
-    probe = backend(mode, feedback, seed=seed, compiler="none", iterations=iterations, momentum=momentum)
+    would leave exact and why.  ``mode``, ``feedback``, ``seed`` and ``options`` (the
+    mode's options, ``{"iterations": 2}`` say) as :func:`apply` takes them; the other
+    keyword arguments go to the model.  Runs the model once (without gradients); the
+    model itself is not changed."""
+    probe = backend(mode, feedback, seed=seed, compiler="none", **(options or {}))
     compiled = _compile_method(model, "forward", probe, dynamic=False)
     with _our_errors_unwrapped(), recurrent_ops_visible(), torch.no_grad(), _GraphBreaks() as breaks:
         compiled(model, *example_args, **example_kwargs)

@@ -6,9 +6,7 @@ import collections
 import contextlib
 import copy
 import dataclasses
-import uuid
 import warnings
-import zlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -16,8 +14,7 @@ import torch.fx
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
 
-from .feedback import Feedback, check_feedback_option, register_estimates, resolve_feedback, summarize
-from .kernels import register_adjoint, register_products
+from .feedback import Feedback
 from .loop_ir import LeftExact, LoopIR
 from .passes.find_nested_loops import find_nested_loops
 from .passes.find_python_loops import find_python_loops
@@ -27,45 +24,11 @@ from .passes.rewrite_python_loops import rewrite_python_loop, rewrite_scan_loop
 from .passes.rewrite_rnn_ops import rewrite_recurrent_op
 from .passes.verify_outputs import changed_outputs, output_metadata
 from .report import LoopReport, Report
-from .runtime import MODES, GradientRule, highway_rule
+from .rules import NoHighwayPath, Rule, make_rule
+from .runtime import LoopPlan, plan_for
 from .traced_rnn import restore_torch_calls
 
 COMPILERS = ("inductor", "aot_eager", "none")
-
-
-DEFAULT_MOMENTUM = 0.9
-
-
-def _check_mode_options(mode: str, feedback: Feedback, iterations: int | None, momentum: float) -> None:
-    """Options that only one mode reads must not be given to another, where they would
-    silently do nothing."""
-    if iterations is not None:
-        if mode != "highway":
-            raise ValueError(f"iterations={iterations!r} is an option of mode='highway', not of mode={mode!r}")
-        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
-            raise ValueError(f"iterations must be an int >= 0 (highway refinements), got {iterations!r}")
-    if mode == "highway" and not (isinstance(feedback, str) and feedback == "linspace"):
-        raise ValueError("mode='highway' takes its diagonal from the step (K), not from feedback; "
-                         "leave feedback at its default")
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
-        raise ValueError(f"momentum must be a float in [0, 1) (smoothing of adaptive λ), got {momentum!r}")
-    adaptive = isinstance(feedback, str) and feedback == "adaptive"
-    if momentum != DEFAULT_MOMENTUM and not adaptive:
-        raise ValueError("momentum smooths feedback='adaptive' and has no effect otherwise")
-    if adaptive and mode != "dsf":
-        raise ValueError(f"feedback='adaptive' is a λ for mode='dsf', not for mode={mode!r}")
-
-
-def _describe_feedback(loop: LoopIR, rule: GradientRule) -> str:
-    if rule.mode == "bptt":
-        return "-"
-    if rule.mode == "highway":
-        with_path = [n for n, path in zip(loop.carry_names, rule.highway.paths) if path]
-        without = [n for n, path in zip(loop.carry_names, rule.highway.paths) if not path]
-        return f"K on {', '.join(with_path)}" + (f" (0 on {', '.join(without)})" if without else "")
-    if rule.adaptive is not None:
-        return f"adaptive (momentum {rule.momentum:g})"
-    return summarize(torch.tensor(rule.lam, dtype=torch.float64))
 
 
 def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
@@ -88,8 +51,9 @@ class UnsupportedLoopError(DSFError):
 
 
 class DSFBackend:
-    """A ``torch.compile`` backend applying DSF, FT-BPTT, Highway-BP or exact BPTT to
-    every loop.
+    """A ``torch.compile`` backend that trains every loop with one backward rule
+    (:mod:`dsf_compile.rules`: DSF, FT-BPTT, adaptive λ, Highway-BP, truncated BPTT, auto,
+    exact BPTT, or a user's :class:`~dsf_compile.Rule`).
 
     ``compiler`` picks what runs the rewritten graph: ``"inductor"`` (the real thing),
     ``"aot_eager"`` (AOTAutograd without code generation: fast to build, for tests and
@@ -100,32 +64,33 @@ class DSFBackend:
 
     def __init__(
         self,
-        mode: str = "dsf",
+        mode: str | Rule = "dsf",
         feedback: Feedback = "linspace",
         *,
         seed: int = 0,
         strict: bool = False,
         compiler: str = "inductor",
-        iterations: int | None = None,
-        momentum: float = DEFAULT_MOMENTUM,
+        **options,
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r}: expected one of {', '.join(map(repr, MODES))}")
         if compiler not in COMPILERS:
             raise ValueError(f"compiler={compiler!r}: expected one of {', '.join(map(repr, COMPILERS))}")
-        check_feedback_option(feedback)
-        _check_mode_options(mode, feedback, iterations, momentum)
-        self.mode, self.feedback, self.seed, self.strict, self.compiler = mode, feedback, seed, strict, compiler
-        self.iterations = (1 if iterations is None else iterations) if mode == "highway" else None
-        self.momentum = momentum
-        self._key = uuid.uuid4().hex  # names this backend's adaptive λ estimates
-        self.adaptive_estimates = register_estimates(self._key)
+        self.rule = make_rule(mode, feedback, seed, **options)
+        self.mode = mode if isinstance(mode, str) else type(mode).__name__
+        self._mode_argument, self.options = mode, dict(options)
+        self.feedback, self.seed, self.strict, self.compiler = feedback, seed, strict, compiler
         self._loops: dict[tuple[str, str], LoopReport] = {}
+        self._plans: dict[tuple[str, str], LoopPlan] = {}
+        self._noted: list[tuple[str, str]] = []  # the loops noted while the graph in hand is rewritten
         self._left: dict[tuple[str, str, str], LeftExact] = {}
         self.graphs: list[tuple[str, torch.fx.GraphModule]] = []
         self.graph_breaks: list[str] = []
         self.eager_calls: list[str] = []
         self._running = self._accounted = 0
+
+    @property
+    def adaptive_estimates(self) -> dict:
+        """The latest adaptive λ of each loop (loop name -> λ), when the rule estimates one."""
+        return getattr(self.rule, "estimates", {})
 
     @property
     def is_running(self) -> bool:
@@ -153,54 +118,32 @@ class DSFBackend:
 
     def __reduce__(self):
         # pickled with a model (torch.save): the options, not the graphs or the report
-        return DSFBackend, (self.mode, self.feedback), {
-            "seed": self.seed, "strict": self.strict, "compiler": self.compiler,
-            "iterations": self.iterations, "momentum": self.momentum}
+        return DSFBackend, (self._mode_argument, self.feedback), {
+            "seed": self.seed, "strict": self.strict, "compiler": self.compiler, **self.options}
 
     def __setstate__(self, options: dict) -> None:
-        self.__init__(self.mode, self.feedback, **options)
+        self.__init__(self._mode_argument, self.feedback, **options)
 
     @property
     def report(self) -> Report:
-        loops = list(self._loops.values())
-        for i, loop in enumerate(loops):
-            estimate = self.adaptive_estimates.get(loop.name)
-            if self._adaptive and estimate is not None:
-                loops[i] = dataclasses.replace(loop, feedback=f"adaptive, now {summarize(estimate)}")
+        """What was found and rewritten so far; each loop's λ column as its rule says it now
+        (an adaptive estimate, the k auto chose)."""
+        loops = [dataclasses.replace(loop, feedback=self._plans[key].rule.describe_feedback(),
+                                     rewrite=self._plans[key].rule.describe())
+                 for key, loop in self._loops.items()]
         return Report(loops, list(self._left.values()), list(self.graph_breaks), list(self.eager_calls))
 
-    @property
-    def _adaptive(self) -> bool:
-        return self.mode == "dsf" and isinstance(self.feedback, str) and self.feedback == "adaptive"
-
-    def rule_for(self, loop: LoopIR) -> GradientRule:
-        """How ``loop``'s backward forms its state gradients under this backend's options."""
-        compile_step = self.compiler == "inductor"
-        if self.mode == "bptt":
-            return GradientRule("bptt", adjoint=register_adjoint(loop, compile_step=compile_step))
-        if self.mode == "highway":
-            rule = highway_rule(loop, self.iterations)
-            if rule is None:
-                raise UnsupportedLoopError(
-                    f"mode='highway' needs a residual path in the step, each new carry written as "
-                    f"a ⊙ carry + b(...) (a GRU's update gate, an LSTM's forget gate, a padding mask): "
-                    f"loop {loop.name} at {loop.source} (carries {', '.join(loop.carry_names)}) has none. "
-                    "Train it with mode='dsf' (feedback='adaptive' estimates its Jacobian's diagonal)."
-                )
-            return rule
-        # a diagonal feedback's backward is one VJP of the batched step: it reuses the
-        # forward's products with the weights instead of recomputing them
-        products = register_products(loop, compile_step=compile_step)
-        if self.mode == "ft":
-            return GradientRule("ft", lam=(0.0,) * loop.state_size, products=products)
-        if self._adaptive:
-            return GradientRule("dsf", adaptive=f"{self._key}/{loop.name}", momentum=self.momentum,
-                                products=products)
-        # The seed is tied to the loop's name, not to discovery order, so λ survives
-        # recompilation (a new sequence length) and graph breaks unchanged.
-        seed = self.seed + zlib.crc32(loop.name.encode())
-        lam = tuple(resolve_feedback(self.feedback, loop, seed).tolist())
-        return GradientRule("dsf", lam=lam, products=products)
+    def rule_for(self, loop: LoopIR) -> LoopPlan:
+        """The backend's rule bound to ``loop``, with what the loop's forward keeps for it."""
+        try:
+            return plan_for(self.rule, loop, compile_step=self.compiler == "inductor")
+        except NoHighwayPath:
+            raise UnsupportedLoopError(
+                f"mode={self.mode!r} needs a residual path in the step, each new carry written as "
+                f"a ⊙ carry + b(...) (a GRU's update gate, an LSTM's forget gate, a padding mask): "
+                f"loop {loop.name} at {loop.source} (carries {', '.join(loop.carry_names)}) has none. "
+                "Train it with mode='dsf' (feedback='adaptive' estimates its Jacobian's diagonal)."
+            ) from None
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> Callable:
         restore_torch_calls(gm)
@@ -306,9 +249,11 @@ class DSFBackend:
                 )
             self._left[(item.what, item.source, item.reason)] = item
 
-    def _note(self, loop: LoopIR, rule: GradientRule) -> None:
-        self._noted.append((loop.name, loop.source))
-        self._loops[(loop.name, loop.source)] = LoopReport(
+    def _note(self, loop: LoopIR, plan: LoopPlan) -> None:
+        key = (loop.name, loop.source)
+        self._noted.append(key)
+        self._plans[key] = plan
+        self._loops[key] = LoopReport(
             name=loop.name,
             origin=loop.origin,
             source=loop.source,
@@ -317,9 +262,8 @@ class DSFBackend:
             state_size=loop.state_size,
             direction=loop.direction,
             carries=", ".join(f"{n}[{s}]" for n, s in zip(loop.carry_names, loop.carry_sizes)),
-            feedback=_describe_feedback(loop, rule),
-            rewrite={"dsf": "dsf", "ft": "ft (λ = 0)", "bptt": "exact (bptt)",
-                     "highway": f"highway (k = {self.iterations})"}[self.mode],
+            feedback=plan.rule.describe_feedback(),
+            rewrite=plan.rule.describe(),
             note=loop.note,
         )
 

@@ -115,8 +115,10 @@ _ESTIMATES: weakref.WeakValueDictionary[str, AdaptiveEstimates] = weakref.WeakVa
 
 
 def register_estimates(key: str) -> AdaptiveEstimates:
-    estimates = AdaptiveEstimates()
-    _ESTIMATES[key] = estimates
+    """The estimates kept under ``key`` (made the first time)."""
+    estimates = _ESTIMATES.get(key)
+    if estimates is None:
+        estimates = _ESTIMATES[key] = AdaptiveEstimates()
     return estimates
 
 

@@ -12,7 +12,10 @@ implementation for the device at run time.
   for values only: every mode supplies its gradients itself (:mod:`dsf_compile.runtime`);
   with the step's products too where the backward reuses them.
 * ``dsf::exact_backward`` — exact BPTT's gradients of a loop: its adjoint loop, and the
-  batched VJP for its inputs and weights sharing one recomputation of the forward.
+  batched VJP for its inputs and weights sharing one recomputation of the forward;
+  ``dsf::exact_deltas``, its state gradients alone.
+* ``dsf::eager_rule`` — a backward rule that runs eagerly at every backward (it keeps
+  state, or branches on values), its δ and initial-state gradient from one call.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 from torch import Tensor
 
 from . import triton_scan
-from .kernels import differentiable, exact_gradients, extra_outputs, run_kernel
+from .kernels import differentiable, eager_dispatch, exact_deltas, exact_gradients, extra_outputs, run_kernel
 
 
 def reverse_linear_scan(g: Tensor, lam: Tensor, backwards: bool = True) -> Tensor:
@@ -149,3 +152,36 @@ def _(kernel, reverse, step_inputs, previous, direct, init, invariants):
     like = [*init, *(step_inputs[i] for i in differentiable(step_inputs)),
             *(invariants[i] for i in differentiable(invariants))]
     return [t.new_empty(t.shape) for t in like]
+
+
+@torch.library.custom_op("dsf::exact_deltas", mutates_args=())
+def opaque_exact_deltas(
+    kernel: str, reverse: bool, step_inputs: list[Tensor], previous: list[Tensor], direct: list[Tensor],
+    init: list[Tensor], invariants: list[Tensor],
+) -> list[Tensor]:
+    """Exact BPTT's state gradients of a loop with adjoint ``kernel``, one per carry."""
+    return [d.contiguous() for d in exact_deltas(kernel, reverse, step_inputs, previous, direct, init, invariants)]
+
+
+@opaque_exact_deltas.register_fake
+def _(kernel, reverse, step_inputs, previous, direct, init, invariants):
+    return [d.new_empty(d.shape) for d in direct]
+
+
+# key -> the function an eagerly run rule's op calls: (g, step inputs, previous, invariants) -> [δ, initial]
+EAGER_RULES: dict = {}
+
+
+@torch.library.custom_op("dsf::eager_rule", mutates_args=())
+def eager_rule(key: str, g: Tensor, step_inputs: list[Tensor], previous: list[Tensor],
+               invariants: list[Tensor]) -> list[Tensor]:
+    """``[δ, initial-state gradient]`` of the loop and rule registered under ``key``, the
+    rule run as ordinary eager code at this backward."""
+    with eager_dispatch():
+        delta, initial = EAGER_RULES[key](g, step_inputs, previous, invariants)
+    return [delta.contiguous(), initial.contiguous()]
+
+
+@eager_rule.register_fake
+def _(key, g, step_inputs, previous, invariants):
+    return [torch.empty_like(g), g.new_empty(g.shape[1:])]

@@ -201,8 +201,8 @@ def check_invariant(program: Program, mode: str, seed: int = 0) -> str:
     weights = torch.randn(want.shape, generator=generator, dtype=torch.float64)
     # The same λ for each carry: a loop's state is its carries in the order the step
     # computes them (c before h in a hand-written LSTM), which this check need not know.
-    feedback = lambda loop: _lam(program, mode)
-    compiled = dsf_compile.apply(copy.deepcopy(model), mode, feedback, compiler="aot_eager")
+    feedback = {"feedback": lambda loop: _lam(program, mode)} if mode == "dsf" else {}
+    compiled = dsf_compile.apply(copy.deepcopy(model), mode, compiler="aot_eager", **feedback)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         got = compiled(*args)

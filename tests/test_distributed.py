@@ -57,7 +57,26 @@ def _loss(model, tokens, targets):
     return F.cross_entropy(model(tokens).flatten(0, 1), targets.flatten())
 
 
-def _worker(rank: int, init: str, wrapping: str, out: str) -> None:
+class _HalfFeedback(dsf_compile.Rule):
+    """A user's rule: DSF at λ = 1/2, written with the public primitives."""
+
+    def deltas(self, loop):
+        return loop.scan(loop.g, 0.5)
+
+    def initial_gradient(self, loop, delta):
+        return 0.5 * loop.first(delta)
+
+    def describe(self):
+        return "half feedback"
+
+
+# the rules trained under data parallelism (auto with a target any k meets: k = 0 on every
+# rank, so the ranks' backward is the one process's)
+RULES = {"dsf": lambda: {}, "tbptt": lambda: {"mode": "tbptt", "window": 2},
+         "auto": lambda: {"mode": "auto", "target": 1e-9}, "rule": lambda: {"mode": _HalfFeedback()}}
+
+
+def _worker(rank: int, init: str, wrapping: str, out: str, rule: str = "dsf") -> None:
     # the parent asks for every thread's stack with SIGUSR1 before it kills a hung worker
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     # the peers talk over loopback: the machine's hostname need not resolve (CI has no network)
@@ -70,7 +89,7 @@ def _worker(rank: int, init: str, wrapping: str, out: str) -> None:
         torch.manual_seed(0)
         model = _LM().double()
         if wrapping == "ddp":
-            dsf_compile.apply(model, compiler="aot_eager")
+            dsf_compile.apply(model, compiler="aot_eager", **RULES[rule]())
             trained = torch.nn.parallel.DistributedDataParallel(model)
         else:
             from torch.distributed.fsdp import fully_shard
@@ -108,13 +127,14 @@ def _all_reached(out, phase: str) -> bool:
     return all(os.path.exists(_marker(out, phase, rank)) for rank in range(2))
 
 
-def _run_workers(wrapping: str, out) -> None:
+def _run_workers(wrapping: str, out, rule: str = "dsf") -> None:
     """Runs the two workers to the end, or to ``DEADLINE_S``.  A run that times out is told
     apart by how far the workers got: no process group formed is this machine's gloo, not
     the rewrite (skip, saying so); both ranks done but not exited is torch's teardown, and
     rank 0's saved gradients are still checked; stuck in between fails, with every
     thread's stack of both workers in the captured output."""
-    context = mp.start_processes(_worker, args=(f"file://{out}.init", wrapping, str(out)), nprocs=2, join=False)
+    context = mp.start_processes(_worker, args=(f"file://{out}.init", wrapping, str(out), rule), nprocs=2,
+                                 join=False)
     deadline = time.monotonic() + DEADLINE_S
     while time.monotonic() < deadline:
         if context.join(timeout=max(0.0, deadline - time.monotonic())):
@@ -134,17 +154,19 @@ def _run_workers(wrapping: str, out) -> None:
     pytest.fail(f"{wrapping}: the workers hung after forming their process group (stacks above)")
 
 
-@pytest.mark.parametrize("wrapping", ["ddp", "fsdp-model", "fsdp-rnn"])
-def test_data_parallel_gradients_equal_one_process_on_the_full_batch(tmp_path, wrapping):
+@pytest.mark.parametrize("wrapping,rule", [("ddp", "dsf"), ("fsdp-model", "dsf"), ("fsdp-rnn", "dsf"),
+                                          ("ddp", "tbptt"), ("ddp", "auto"), ("ddp", "rule")])
+def test_data_parallel_gradients_equal_one_process_on_the_full_batch(tmp_path, wrapping, rule):
     if wrapping != "ddp":
         pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 (fully_shard) needs torch >= 2.6")
     out = tmp_path / "rank0.pt"
-    _run_workers(wrapping, out)
+    _run_workers(wrapping, out, rule)
     found = torch.load(out)
-    assert found["loops"] == ["dsf", "dsf"] and not found["breaks"] and not found["eager"]
-
     torch.manual_seed(0)
-    model = dsf_compile.apply(_LM().double(), compiler="aot_eager")
+    model = dsf_compile.apply(_LM().double(), compiler="aot_eager", **RULES[rule]())
+    described = model._dsf_backend.rule.describe()
+    assert found["loops"] == [described, described] and not found["breaks"] and not found["eager"]
+
     _loss(model, *_data()).backward()
     for (name, p), got in zip(model.named_parameters(), found["grads"]):
         assert rel_err(got, p.grad) <= 1e-12, name

@@ -108,7 +108,7 @@ def test_a_failing_feedback_callable_is_named_not_reported_as_a_compiler_crash(f
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"mode": "tbptt"}, "mode='tbptt'"),
+    ({"mode": "tbpt"}, "mode='tbpt': expected one of 'dsf'"),
     ({"feedback": "ones"}, "feedback='ones'"),
     ({"feedback": torch.zeros(2, 2)}, "1-D"),
     ({"compiler": "tvm"}, "compiler='tvm'"),

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 import dsf_compile
 from dsf_compile.ops import reverse_linear_scan
-from dsf_compile.runtime import highway_refinement, mean_jacobian_diagonal
+from dsf_compile.rules.adaptive import mean_jacobian_diagonal
+from dsf_compile.rules.highway import highway_refinement
 
 from .helpers import GRUCellLoop, assert_close, make_case, rel_err, run_compiled, run_eager
 from .reference import dsf_reference_loop, highway_reference_loop
@@ -382,9 +383,9 @@ def test_highway_refuses_a_cell_without_a_residual_path():
 def test_report_and_explain_say_what_the_backward_does():
     x = torch.randn(6, 2, 3)
     lstm = nn.LSTM(3, 4)
-    report = dsf_compile.explain(lstm, x, mode="highway", iterations=2)
+    report = dsf_compile.explain(lstm, x, mode="highway", options={"iterations": 2})
     assert report.loops[0].rewrite == "highway (k = 2)" and report.loops[0].feedback == "K on c (0 on h)"
-    report = dsf_compile.explain(nn.GRU(3, 4), x, mode="dsf", feedback="adaptive", momentum=0.5)
+    report = dsf_compile.explain(nn.GRU(3, 4), x, mode="dsf", feedback="adaptive", options={"momentum": 0.5})
     assert report.loops[0].feedback == "adaptive (momentum 0.5)"
 
 
@@ -403,7 +404,7 @@ def _every_linear_op(x, h, w):
 
 
 def test_highway_diagonal_rules_of_every_linear_op():
-    from dsf_compile.passes.find_highway import HighwayStep
+    from dsf_compile.step.highway import HighwayStep
 
     torch.manual_seed(0)
     x, h, w = torch.randn(3, 5, dtype=D), torch.randn(3, 5, dtype=D), torch.randn(5, 5, dtype=D)

@@ -24,7 +24,7 @@ def no_stale_inductor_cache():
     ("lstm", "highway", {"iterations": 2}), ("gru", "dsf", {"feedback": "adaptive"}),
 ])
 def test_inductor_matches_aot_eager(kind, mode, options, monkeypatch):
-    monkeypatch.setattr(kernels, "_WRITING_STEPS", {})
+    monkeypatch.setattr(kernels.cpu, "_WRITING_STEPS", {})
     module, x, h0, loss_fn = make_case(kind, 2, True, True, True, True, torch.float32, seed=21)
     torch.manual_seed(0)  # the same Hutchinson probes for adaptive λ, drawn as eager draws them
     _, want_out, want = run_compiled(module, x, h0, loss_fn, mode, compiler="aot_eager", **options)
@@ -38,7 +38,7 @@ def test_inductor_matches_aot_eager(kind, mode, options, monkeypatch):
     assert kinds.count("forward") == 1 and kinds.count("backward") == 1
     # steps that ran compiled by Inductor on the CPU: exact mode's adjoint loop; under a
     # diagonal feedback, the forward that keeps the products for the backward
-    compiled = {key.split(":")[0] for key, _ in kernels._WRITING_STEPS}
+    compiled = {key.split(":")[0] for key, _ in kernels.cpu._WRITING_STEPS}
     assert compiled == {"bptt": {"adjoint"}, "highway": set()}.get(mode, {"products"})
 
 

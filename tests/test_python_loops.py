@@ -449,7 +449,7 @@ def test_scan_loop(mode, h0_requires_grad):
 
 def test_input_projection_is_hoisted_out_of_the_forward_loop():
     from dsf_compile.passes.find_python_loops import find_python_loops
-    from dsf_compile.passes.hoist_step_inputs import hoist_step_inputs
+    from dsf_compile.step.hoist import hoist_step_inputs
 
     graphs = []
 
@@ -665,7 +665,7 @@ def _run(cell, x, h):
 ])
 def test_fused_cell_ops_are_written_out_so_their_input_projection_is_hoisted(cls, args):
     from dsf_compile.passes.find_python_loops import find_python_loops
-    from dsf_compile.passes.hoist_step_inputs import hoist_step_inputs
+    from dsf_compile.step.hoist import hoist_step_inputs
 
     graphs = []
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from dsf_compile import kernels
 from dsf_compile.cells import trace_step
 from dsf_compile.loop_ir import LoopIR
-from dsf_compile.passes.save_products import find_products, forward_body, reuse_product
+from dsf_compile.step.products import find_products, forward_body, reuse_product
 
 from .helpers import assert_close, rel_err
 

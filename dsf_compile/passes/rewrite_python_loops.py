@@ -15,18 +15,17 @@ import torch
 import torch.fx
 from torch import Tensor
 
-from ..kernels import register_body
 from ..loop_ir import LoopIR
-from ..runtime import GradientRule, previous_states, run_loop
+from ..runtime import LoopPlan, previous_states, run_loop
 from .find_python_loops import PythonLoop, StepInputFamily
 
 
-def make_loop_runner(loop: LoopIR, epilogue: torch.fx.GraphModule | None, rule: GradientRule):
+def make_loop_runner(loop: LoopIR, epilogue: torch.fx.GraphModule | None, plan: LoopPlan):
     """``runner(step_inputs, init, invariants, epilogue_invariants)`` → the states of
     every carry, then the epilogue's per-step outputs, all ``(T, ...)`` in time order."""
 
     def runner(step_inputs: list[Tensor], init: list[Tensor], invariants: list[Tensor], extra: list[Tensor]):
-        states = run_loop(loop, rule, list(step_inputs), list(init), list(invariants))
+        states = run_loop(loop, plan, list(step_inputs), list(init), list(invariants))
         if epilogue is None:
             return tuple(states)
         previous = [previous_states(s, c, loop.reverse) for s, c in zip(states, init)]
@@ -34,7 +33,7 @@ def make_loop_runner(loop: LoopIR, epilogue: torch.fx.GraphModule | None, rule: 
         outputs = torch.func.vmap(epilogue, in_dims=batched)(*step_inputs, *previous, *states, *extra)
         return (*states, *outputs)
 
-    runner.__name__ = runner.__qualname__ = f"dsf_python_loop_{rule.mode}"
+    runner.__name__ = runner.__qualname__ = f"dsf_python_loop_{plan.name}"
     return runner
 
 
@@ -71,16 +70,15 @@ def _splits_into_single_steps(node: torch.fx.Node) -> bool:
     return size == 1
 
 
-def rewrite_python_loop(gm: torch.fx.GraphModule, found: PythonLoop, rule: GradientRule) -> None:
+def rewrite_python_loop(gm: torch.fx.GraphModule, found: PythonLoop, plan: LoopPlan) -> None:
     graph = gm.graph
     loop = found.loop
-    loop.forward_kernel = register_body(loop)
     inside = {node for seg in found.segments for node in seg} | set(found.pieces)
     steps = len(found.segments)
     with graph.inserting_before(found.segments[-1][-1].next):
         stacked = [_stack_step_input(graph, family, indices) for family, indices in found.step_inputs]
         runner = graph.call_function(
-            make_loop_runner(loop, found.epilogue, rule),
+            make_loop_runner(loop, found.epilogue, plan),
             (stacked, list(found.init), list(found.invariants), list(found.epilogue_invariants)),
         )
         results = [
@@ -135,12 +133,11 @@ def _is_stack_of(user: torch.fx.Node, nodes: list[torch.fx.Node]) -> bool:
     )
 
 
-def rewrite_scan_loop(gm: torch.fx.GraphModule, found, rule: GradientRule) -> None:
+def rewrite_scan_loop(gm: torch.fx.GraphModule, found, plan: LoopPlan) -> None:
     """Replace a ``scan`` op by the same runner; its outputs keep the op's layout
     (final carries, then the stacked per-step outputs)."""
     loop = found.loop
-    loop.forward_kernel = register_body(loop)
-    runner = make_loop_runner(loop, found.epilogue, rule)
+    runner = make_loop_runner(loop, found.epilogue, plan)
     layout = found.outputs
     n_carries = len(loop.carry_sizes)
 
@@ -150,7 +147,7 @@ def rewrite_scan_loop(gm: torch.fx.GraphModule, found, rule: GradientRule) -> No
         picked = {"final": lambda j: states[j][-1], "states": lambda j: states[j], "epilogue": lambda m: epilogue[m]}
         return [picked[kind](index) for kind, index in layout]
 
-    scan_runner.__name__ = scan_runner.__qualname__ = f"dsf_scan_{rule.mode}"
+    scan_runner.__name__ = scan_runner.__qualname__ = f"dsf_scan_{plan.name}"
     node = found.node
     combine = node.args[0]
     node.target = scan_runner

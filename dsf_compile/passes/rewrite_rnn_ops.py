@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..runtime import GradientRule, run_loop
+from ..runtime import LoopPlan, run_loop
 from .find_rnn_ops import RecurrentOpSite
 
 
-def make_site_runner(site: RecurrentOpSite, rules: list[GradientRule]):
+def make_site_runner(site: RecurrentOpSite, plans: list[LoopPlan]):
     """A function with ``torch.<kind>``'s signature computing it loop by loop."""
     directions = 2 if site.bidirectional else 1
     per_loop = site.weights_per_loop
@@ -32,7 +32,7 @@ def make_site_runner(site: RecurrentOpSite, rules: list[GradientRule]):
                 loop = site.loops[index]
                 weights = list(params[index * per_loop : (index + 1) * per_loop])
                 init = [c[index] for c in carries0]
-                states = run_loop(loop, rules[index], [x], init, weights)
+                states = run_loop(loop, plans[index], [x], init, weights)
                 outputs.append(states[0])
                 finals.append([s[0] if loop.reverse else s[-1] for s in states])
             x = outputs[0] if directions == 1 else torch.cat(outputs, -1)
@@ -42,11 +42,11 @@ def make_site_runner(site: RecurrentOpSite, rules: list[GradientRule]):
             x = x.transpose(0, 1)
         return (x, *(torch.stack([f[i] for f in finals]) for i in range(len(carries0))))
 
-    runner.__name__ = runner.__qualname__ = f"dsf_{site.kind}_{rules[0].mode}"
+    runner.__name__ = runner.__qualname__ = f"dsf_{site.kind}_{plans[0].name}"
     return runner
 
 
-def rewrite_recurrent_op(gm: torch.fx.GraphModule, site: RecurrentOpSite, rules: list[GradientRule]) -> None:
+def rewrite_recurrent_op(gm: torch.fx.GraphModule, site: RecurrentOpSite, plans: list[LoopPlan]) -> None:
     """Point ``site``'s node at the loop-by-loop runner."""
-    site.node.target = make_site_runner(site, rules)
+    site.node.target = make_site_runner(site, plans)
     gm.recompile()

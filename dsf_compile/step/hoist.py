@@ -63,3 +63,8 @@ def hoist_step_inputs(body: torch.fx.GraphModule, num_step_inputs: int, num_carr
             env[node] = rest_graph.node_copy(node, lambda n: env[n])
     rest_graph.output(torch.fx.node.map_arg(output.args[0], lambda n: env[n]))
     return HoistedBody(torch.fx.GraphModule(body, pre_graph), torch.fx.GraphModule(body, rest_graph))
+
+
+def step_outputs(rest: torch.fx.GraphModule) -> tuple:
+    """The values a step graph returns (its new carries first)."""
+    return next(n for n in rest.graph.nodes if n.op == "output").args[0]
