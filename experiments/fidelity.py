@@ -28,6 +28,7 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import provenance  # noqa: E402
 from data import DEFAULT_ROOT, context_batches, load_ptb, positive_int, run_script  # noqa: E402
 from methods import apply_options  # noqa: E402
 from plots import colour  # noqa: E402
@@ -38,7 +39,9 @@ from dsf_compile.models import RNNLanguageModel  # noqa: E402
 from dsf_compile.models.lm import masked_cross_entropy  # noqa: E402
 
 # method labels (methods.py) compared with exact BPTT
-METHODS = ["ft", "dsf-linspace", "dsf-adaptive", "highway-k0", "highway-k1", "highway-k2", "highway-k4"]
+# (truncated BPTT with window k costs the VJPs of highway k: equal cost)
+METHODS = ["ft", "dsf-linspace", "dsf-adaptive", "highway-k0", "highway-k1", "highway-k2", "highway-k4", "tbptt-w1",
+           "tbptt-w2", "tbptt-w4"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -102,8 +105,9 @@ def main(argv: list[str] | None = None) -> dict:
             epoch += 1
             continue
         break
+    command = provenance.command_line(argv, __file__) if argv is not None else provenance.command_line()
     result = {"settings": vars(args), "vocab": len(corpus.vocab), "seconds": time.perf_counter() - started,
-              "torch": torch.__version__, "records": records}
+              **provenance.record(command), "records": records}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     out.with_suffix(".md").write_text(markdown(result))
@@ -146,6 +150,7 @@ def markdown(result: dict) -> str:
         f"B = {s['batch']}, trained {s['steps']} steps with exact BPTT (Adam, lr {s['lr']}); at each step below, "
         f"every method's gradient on the batch about to be trained on, against exact BPTT's.  Cells: cosine / "
         f"relative error of the recurrent weights' gradient (`weight_hh`, all layers).  torch {result['torch']}, "
+        f"commit {result.get('commit') or 'unknown'}, "
         f"{result['seconds'] / 60:.0f} min.\n\n"
         f"    python experiments/fidelity.py --out <this file without suffix>"
         + "".join(f" --{k.replace('_', '-')} {v}" for k, v in s.items() if k not in ("out", "methods", "data_root"))

@@ -2,9 +2,10 @@
 
 ``eager-bptt`` (the model as written, eager PyTorch: torch's fused RNN op, cuDNN on a GPU;
 no ``apply``), ``bptt`` (exact BPTT through ``apply``), ``ft``, ``dsf`` (λ = linspace),
-``dsf-<feedback>`` (``dsf-uniform``, ``dsf-adaptive``; ``dsf-linspace`` is ``dsf``) and
-``highway-k<k>``: the labels ``train.py`` writes in its summaries, the sweep files use, and
-the figures colour.
+``dsf-<feedback>`` (``dsf-uniform``, ``dsf-adaptive``; ``dsf-linspace`` is ``dsf``),
+``highway-k<k>``, ``tbptt-w<window>`` (truncated BPTT) and ``auto`` (``auto-<target>`` for
+another target than 0.99): the labels ``train.py`` writes in its summaries, the sweep
+files use, and the figures colour.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import re
 
 FEEDBACKS = ("linspace", "uniform", "adaptive")
+AUTO_TARGET = 0.99
 EAGER_BPTT = "eager-bptt"
 # the methods whose gradients are exact BPTT's: either is the reference of a comparison
 EXACT = (EAGER_BPTT, "bptt")
@@ -29,16 +31,27 @@ def apply_options(label: str) -> dict | None:
     highway = re.fullmatch(r"highway-k(\d+)", label)
     if highway:
         return {"mode": "highway", "iterations": int(highway.group(1))}
-    raise ValueError(f"method {label!r}: expected eager-bptt, bptt, ft, dsf, dsf-<{'|'.join(FEEDBACKS)}> "
-                     "or highway-k<k>")
+    truncated = re.fullmatch(r"tbptt-w(\d+)", label)
+    if truncated:
+        return {"mode": "tbptt", "window": int(truncated.group(1))}
+    auto = re.fullmatch(r"auto(?:-(0\.\d+|1))?", label)
+    if auto:
+        return {"mode": "auto", **({"target": float(auto.group(1))} if auto.group(1) else {})}
+    raise ValueError(f"method {label!r}: expected eager-bptt, bptt, ft, dsf, dsf-<{'|'.join(FEEDBACKS)}>, "
+                     "highway-k<k>, tbptt-w<window> or auto[-<target>]")
 
 
-def label_of(mode: str, feedback: str = "linspace", iterations: int | None = None) -> str:
+def label_of(mode: str, feedback: str = "linspace", iterations: int | None = None, window: int | None = None,
+             target: float = AUTO_TARGET) -> str:
     """The label of a method given as ``apply`` options (the inverse of :func:`apply_options`)."""
     if mode == EAGER_BPTT:
         return EAGER_BPTT
     if mode == "highway":
         return f"highway-k{iterations}"
+    if mode == "tbptt":
+        return f"tbptt-w{window}"
+    if mode == "auto":
+        return "auto" if target == AUTO_TARGET else f"auto-{target:g}"
     if mode == "dsf" and feedback != "linspace":
         return f"dsf-{feedback}"
     return mode
@@ -52,6 +65,7 @@ def train_flags(label: str) -> list[str]:
     flags = ["--method", options["mode"]]
     if "feedback" in options:
         flags += ["--feedback", options["feedback"]]
-    if "iterations" in options:
-        flags += ["--iterations", str(options["iterations"])]
+    for option in ("iterations", "window", "target"):
+        if option in options:
+            flags += [f"--{option}", str(options[option])]
     return flags

@@ -14,6 +14,11 @@ METHOD_COLOURS = {
     "highway-k1": "#9467bd",
     "highway-k2": "#8c564b",
     "highway-k4": "#17becf",
+    # truncated BPTT: the highway colour of the same cost, lighter
+    "tbptt-w1": "#c5b0d5",
+    "tbptt-w2": "#c49c94",
+    "tbptt-w4": "#9edae5",
+    "auto": "#e6550d",
 }
 _SPARE = ["#bcbd22", "#7f7f7f", "#aec7e8", "#ffbb78"]
 

@@ -11,14 +11,17 @@ A sweep file::
      "base": {"config": "wiki", "epochs": 5},            # train.py flags shared by every run
      "grid": {"method": ["bptt", "ft", "dsf"], "layers": [1, 3, 6, 12]}}
 
-Grid keys are train.py flags (``layers``, ``width``, ``context``, ``cell``, ...) and
-``method``, a label of ``methods.py``: ``eager-bptt``, ``bptt``, ``ft``, ``dsf``, ``dsf-adaptive``,
-``dsf-uniform``, ``highway-k<k>``.  Every run of a sweep reads the same data for the same number of
-epochs (and ``max_train_chars``, if set), so each sees the same tokens.  A finished run
-is skipped, an interrupted one resumed from its checkpoint (``train.py --resume``), so
-calling the sweep again continues it.  Runs go to ``<runs>/<name>/<run>``; the report
-(``report.py``: table, curves, fidelity plot if logged) to ``--results`` (default: the
-sweep's run folder; ``experiments/results`` only when asked).
+Grid keys are train.py flags (``layers``, ``width``, ``context``, ``cell``, ``seed``, ...)
+and ``method``, a label of ``methods.py`` (``eager-bptt``, ``bptt``, ``ft``, ``dsf``,
+``dsf-adaptive``, ``highway-k<k>``, ``tbptt-w<k>``, ``auto``, ...).  ``also``, a list of
+points beyond the grid (``{"method": "ft", "seed": 1}``), runs after it.  Every run of a
+sweep reads the same data for the same number of epochs (and ``max_train_chars``, if
+set), so each sees the same tokens.  A finished run is skipped, an interrupted one resumed
+from its checkpoint (``train.py --resume``), so calling the sweep again continues it;
+``--shard K/N`` lets N processes share a sweep, each training every N-th run.  Runs go to
+``<runs>/<name>/<run>``; the report (``report.py``: table, curves, fidelity plot if
+logged) to ``--results`` (default: the sweep's run folder; ``experiments/results`` only
+when asked).
 """
 
 from __future__ import annotations
@@ -60,18 +63,21 @@ def load_sweep(path: Path) -> dict:
     if not path.is_file():
         raise SystemExit(f"sweep file {path} not found")
     sweep = json.loads(path.read_text())
-    unknown = set(sweep) - {"name", "base", "grid", "description"}
+    unknown = set(sweep) - {"name", "base", "grid", "also", "description"}
     if unknown or "name" not in sweep or "grid" not in sweep:
-        raise SystemExit(f"{path}: a sweep has 'name', 'grid' and optionally 'base', 'description' "
+        raise SystemExit(f"{path}: a sweep has 'name', 'grid' and optionally 'base', 'also', 'description' "
                          f"(unknown: {sorted(unknown)})")
+    if not isinstance(sweep.get("also", []), list) or not all(isinstance(p, dict) for p in sweep.get("also", [])):
+        raise SystemExit(f"{path}: 'also' is a list of points, each a dict of settings (a method and a seed, say)")
     known = {**train.CONFIGS["wiki"], **train.RUN_DEFAULTS, **train.RUN_LIMITS, "config": None, "method": None}
-    for section in ("base", "grid"):
-        for key in sweep.get(section, {}):
-            if key not in known or key in ("out", "resume", "feedback", "iterations"):
+    sections = [("base", sweep.get("base", {})), ("grid", sweep["grid"])] + [("also", p) for p in sweep.get("also", [])]
+    for section, settings in sections:
+        for key in settings:
+            if key not in known or key in ("out", "resume", "feedback", "iterations", "window", "target"):
                 raise SystemExit(f"{path}: {section}.{key} is not a train.py setting a sweep may set")
     if "max_steps" in sweep["grid"]:
         raise SystemExit(f"{path}: max_steps is a budget of the whole sweep: set it in 'base', not in 'grid'")
-    for method in sweep["grid"].get("method", []):
+    for method in [*sweep["grid"].get("method", []), *(p["method"] for p in sweep.get("also", []) if "method" in p)]:
         try:
             train_flags(method)
         except ValueError as error:
@@ -80,12 +86,13 @@ def load_sweep(path: Path) -> dict:
 
 
 def runs_of(sweep: dict) -> list[tuple[str, list[str]]]:
-    """(run name, train.py flags) for every point of the grid, in grid order."""
+    """(run name, train.py flags) for every point of the grid, in grid order, then every
+    point of ``also``."""
     grid = sweep["grid"]
     keys = list(grid)
+    points = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
     runs = []
-    for values in itertools.product(*(grid[k] for k in keys)):
-        point = dict(zip(keys, values))
+    for point in points + list(sweep.get("also", [])):
         name = "-".join(f"{v}" if k == "method" else f"{k}{v}" for k, v in point.items())
         runs.append((name, flags_of({**sweep.get("base", {}), **point})))
     return runs
@@ -102,6 +109,17 @@ def status(folder: Path, limit: int) -> str:
     return "resume" if (folder / "checkpoint.pt").is_file() else "new"
 
 
+def shard(text: str) -> tuple[int, int]:
+    """An argparse ``type`` for ``K/N``: shard K (from 0) of N."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K/N (shard K of N, from 0), got {text!r}") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"K/N needs 0 <= K < N, got {text!r}")
+    return index, count
+
+
 def main(argv: list[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep", help="the sweep's JSON file (experiments/sweeps/*.json)")
@@ -109,22 +127,27 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--results", default=None, help="where the report goes (default: the sweep's run folder)")
     parser.add_argument("--list", action="store_true", help="print the runs and their state, run nothing")
     parser.add_argument("--report-only", action="store_true", help="write the report from the runs there are")
+    parser.add_argument("--shard", default="0/1", type=shard,
+                        help="K/N: train only every N-th run from the K-th (N processes, one shard each, share a "
+                             "sweep; the report waits for --report-only)")
     args = parser.parse_args(argv)
     sweep = load_sweep(Path(args.sweep))
     folder = Path(args.runs) / sweep["name"]
     runs = runs_of(sweep)
     limit = int(sweep.get("base", {}).get("max_steps", 0))
+    index, count = args.shard
     for i, (name, flags) in enumerate(runs, 1):
         state = status(folder / name, limit)
-        print(f"[{i}/{len(runs)}] {name}: {state}" + (f"  (train.py {' '.join(flags)})" if args.list else ""),
-              flush=True)
-        if args.list or args.report_only or state == "done":
+        mine = (i - 1) % count == index
+        print(f"[{i}/{len(runs)}] {name}: {state}" + ("" if mine else f" (shard {(i - 1) % count}/{count})")
+              + (f"  (train.py {' '.join(flags)})" if args.list else ""), flush=True)
+        if args.list or args.report_only or state == "done" or not mine:
             continue
         out = ["--out", str(folder / name)]
         # a resumed run goes on to the sweep's own stopping point, whatever stopped it before
         train.main([*out, "--resume", "--max-steps", str(limit)] if state == "resume" else [*flags, *out])
     finished = [folder / name for name, _ in runs if status(folder / name, limit) == "done"]
-    if not args.list and finished:
+    if not args.list and finished and (count == 1 or args.report_only):
         report.main(["--runs", *map(str, finished), "--name", sweep["name"],
                      "--out", args.results or str(folder)])
     return finished

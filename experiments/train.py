@@ -62,7 +62,8 @@ CONFIGS = {
 }
 # How a run is carried out; none of these changes what the protocol trains.
 RUN_DEFAULTS = dict(
-    method="dsf", feedback="linspace", iterations=1, momentum=0.9, seed=0, compiler="inductor", device="auto",
+    method="dsf", feedback="linspace", iterations=1, momentum=0.9, window=1, target=0.99, auto_every=100,
+    seed=0, compiler="inductor", device="auto",
     tf32=True, data_root=str(DEFAULT_ROOT), cache=str(DEFAULT_CACHE), prepared="", use_datasets=True,
     log_every=50, save_every=None, valid_every=0, fidelity_every=0,
 )
@@ -71,9 +72,10 @@ RUN_DEFAULTS = dict(
 RUN_LIMITS = dict(max_steps=0, max_train_chars=0, valid_batches=0, time_limit=0.0)
 DEFAULT_SAVE_EVERY = 500
 # flags restricted to a list of values
-CHOICES = dict(method=(EAGER_BPTT, "bptt", "ft", "dsf", "highway"), feedback=("linspace", "uniform", "adaptive"),
-               compiler=("inductor", "aot_eager"), device=("auto", "cpu", "cuda"), data=("ptb", "wiki"),
-               model=("stack", "blocks"), cell=("gru", "lstm", "rnn", "gru-loop"), schedule=("step", "cosine"))
+CHOICES = dict(method=(EAGER_BPTT, "bptt", "ft", "dsf", "highway", "tbptt", "auto"),
+               feedback=("linspace", "uniform", "adaptive"), compiler=("inductor", "aot_eager"),
+               device=("auto", "cpu", "cuda"), data=("ptb", "wiki"), model=("stack", "blocks"),
+               cell=("gru", "lstm", "rnn", "gru-loop"), schedule=("step", "cosine"))
 HELP = dict(
     data="corpus: Penn Treebank sentences, or WikiText-103 (its Wikipedia stand-in here) as BPE tokens",
     model="stack: recurrent layers with residual skips; blocks: transformer-like (LayerNorm, RNN, MLP)",
@@ -89,6 +91,9 @@ HELP = dict(
            "dsf_compile.apply(model, mode=method)",
     feedback="λ of mode dsf: the paper's linspace, uniform random, or adaptive (estimated in the backward)",
     iterations="Highway-BP refinements (method highway)",
+    window="transitions each loss term backpropagates through (method tbptt)",
+    target="gradient cosine to BPTT to reach with the fewest highway refinements (method auto)",
+    auto_every="backward passes between method auto's measurements",
     momentum="smoothing of adaptive λ across steps (feedback adaptive)",
     seed="initialisation and batch order", compiler="what runs the rewritten graphs (aot_eager: no code generation)",
     device="auto: cuda when there is one", tf32="TensorFloat-32 matrix products on a GPU (the protocol's)",
@@ -259,9 +264,9 @@ def evaluate(model: torch.nn.Module, data: Data, device: str) -> float:
 
 def method_options(config: dict) -> dict:
     """The apply() options the run's method reads (the others must not be passed)."""
-    options = {}
-    if config["method"] == "highway":
-        options["iterations"] = config["iterations"]
+    reads = {"highway": {"iterations": "iterations"}, "tbptt": {"window": "window"},
+             "auto": {"target": "target", "every": "auto_every"}}.get(config["method"], {})
+    options = {option: config[setting] for option, setting in reads.items()}
     if config["feedback"] == "adaptive":
         options["momentum"] = config["momentum"]
     return options
@@ -269,7 +274,7 @@ def method_options(config: dict) -> dict:
 
 def method_label(config: dict) -> str:
     """The method as the report names it: dsf, dsf-adaptive, highway-k2, ..."""
-    return label_of(config["method"], config["feedback"], config["iterations"])
+    return label_of(config["method"], config["feedback"], config["iterations"], config["window"], config["target"])
 
 
 def save_checkpoint(path: Path, **state) -> None:
