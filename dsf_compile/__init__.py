@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence
 
 from .backend import DSFBackend, DSFError, UnsupportedLoopError
 from .feedback import Feedback, FeedbackError
@@ -24,6 +25,7 @@ from .fidelity import Fidelity, ParameterFidelity, compare_gradients
 from .loop_backward import LoopBackward
 from .loop_ir import LeftExact, LoopIR
 from .ops import loop_states, reverse_linear_scan
+from .packed import PackedCalls
 from .report import LoopReport, Report
 from .rules import RULES, Rule, register_rule
 from .traced_rnn import opaque_rnn_calls
@@ -129,6 +131,8 @@ class _GraphBreaks:
                 if count <= before.get(reason, 0):
                     continue
                 summary = " ".join(line.strip() for line in str(reason).splitlines()[:2] if line.strip())
+                if "dsf_packed_rnn_call" in summary:
+                    continue  # our own packed calls: run outside the graphs on purpose, with the rule
                 if summary not in self.reasons:
                     self.reasons.append(summary)
 
@@ -154,6 +158,8 @@ class _CompiledForward:
     def __init__(self, model: nn.Module, name: str, compiled, dsf_backend: DSFBackend, dynamic: bool | None) -> None:
         self.compiled_model, self.name, self.compiled, self.backend = model, name, compiled, dsf_backend
         self.dynamic, self._checked = dynamic, False
+        self._packed = PackedCalls(model, "", dsf_backend) if isinstance(model, nn.RNNBase) and name == "forward" \
+            else None
 
     def __deepcopy__(self, memo: dict) -> _CompiledForward:
         # the copy runs its own model through the same compiled function (Dynamo guards
@@ -167,6 +173,8 @@ class _CompiledForward:
         return _compiled_again, (self.compiled_model, self.name, self.backend, self.dynamic)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._packed is not None and args and isinstance(args[0], PackedSequence):
+            return self._packed(*args, **kwargs)  # an applied nn.GRU called on a packed batch
         if torch.compiler.is_compiling():
             # called from another compiled method (a loss method calling self(...)): traced
             # into the caller's graph, whose loops the backend sees together
@@ -268,6 +276,8 @@ def apply(
         # (the model itself is called through its compiled forward: its hooks run before it)
         if path and isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
             module.register_forward_pre_hook(_OutsideCallCheck(dsf_backend, path, methods))
+        if path and isinstance(module, nn.RNNBase):
+            module.forward = PackedCalls(module, path, dsf_backend)  # Dynamo cannot trace a packed call
     model._dsf_backend = dsf_backend
     return model
 
@@ -288,6 +298,8 @@ class _OutsideCallCheck:
     def __call__(self, module: nn.Module, args: tuple) -> None:
         if torch.compiler.is_compiling() or self.backend.is_accounted or not torch.is_grad_enabled():
             return
+        if args and isinstance(args[0], PackedSequence) and isinstance(module, nn.RNNBase):
+            return  # a packed call: trained with the rule by PackedCalls, not eagerly
         if not any(p.requires_grad for p in module.parameters()):
             return
         what = f"{self.path!r} ({type(module).__name__})"

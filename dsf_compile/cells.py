@@ -73,6 +73,32 @@ def trace_step(kind: str, has_biases: bool) -> torch.fx.GraphModule:
     return torch.fx.symbolic_trace(body)
 
 
+def trace_masked_step(kind: str, has_biases: bool) -> torch.fx.GraphModule:
+    """The FX body of one step of ``kind`` over a padded batch: (x, valid, *carries,
+    *weights) -> the cell's new carries where ``valid`` (a ``(B, 1)`` bool), the old ones
+    where the row's sequence has ended."""
+    step = STEPS[kind]
+    n_carries = len(CARRIES[kind])
+
+    def body(x, valid, *rest):
+        carries, weights = rest[:n_carries], rest[n_carries:]
+        new = step(x, *carries, *weights)
+        return tuple(torch.where(valid, n, c) for n, c in zip(new, carries))
+
+    names = ["x", "valid", *CARRIES[kind], "w_ih", "w_hh", *(("b_ih", "b_hh") if has_biases else ())]
+    return _trace_with_arguments(body, names)
+
+
+def _trace_with_arguments(function, names: list[str]) -> torch.fx.GraphModule:
+    """``function(*args)`` traced with one placeholder per name."""
+    graph = torch.fx.Graph()
+    placeholders = [graph.placeholder(name) for name in names]
+    tracer = torch.fx.proxy.GraphAppendingTracer(graph)
+    outputs = function(*(torch.fx.Proxy(p, tracer) for p in placeholders))
+    graph.output(tuple(o.node for o in outputs))
+    return torch.fx.GraphModule(torch.nn.Module(), graph)
+
+
 def run_cell_layer(kind: str, x: Tensor, carries: list[Tensor], weights: list[Tensor]) -> list[Tensor]:
     """All states of one forward-in-time layer, values only, through torch's fused RNN ops."""
     has_biases, train = len(weights) == 4, False

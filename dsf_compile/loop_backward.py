@@ -45,6 +45,8 @@ class LoopBackward:
                  saved: Sequence[Tensor] = (), compile_step: bool = False) -> None:
         self.ir = loop
         self.g = torch.cat(list(grads), -1) if len(grads) > 1 else grads[0]
+        if loop.padded_after is not None:
+            self.g = gathered_onto_last_real_step(self.g, step_inputs[loop.padded_after])
         self.reverse = loop.reverse
         self.state_sizes = tuple(int(p.shape[-1]) for p in previous)
         self.length, self.batch = self.g.shape[0], self.g.shape[1]
@@ -196,3 +198,13 @@ def batched_body(loop: LoopIR, step_inputs: list[Tensor], previous: list[Tensor]
     body = loop.body if body is None else body
     return torch.func.vmap(body, in_dims=in_dims)(*step_inputs, *previous, *invariants, *per_step)
 
+
+def gathered_onto_last_real_step(g: Tensor, real: Tensor) -> Tensor:
+    """The direct gradients of a loop whose rows are padded after their last real step
+    (``real``: ``(T, B, 1)``, True on real steps): a padded step's state is the last real
+    one, unchanged, so its gradient is that state's.  Moving it there leaves every padded
+    step with none, and every rule computes each row's δ over its own length (a final
+    state's gradient entering at the row's last real step) without knowing of padding."""
+    real = real.to(g.dtype)
+    last = real - torch.cat([real[1:], torch.zeros_like(real[:1])])  # 1 at each row's last real step
+    return g * real + last * (g * (1 - real)).sum(0, keepdim=True)

@@ -44,6 +44,12 @@ class LoopIR:
     batch: int | torch.SymInt | None = None
     forward_kernel: str | None = None
     note: str = ""  # what a report should say about how the loop was read (a peeled first step)
+    # Which step input marks a row's real steps (a (B, 1) bool per step) where rows of
+    # different lengths share the loop, each padded after its last real step (packed
+    # sequences): the step keeps the state where it is False.
+    padded_after: int | None = None
+    # a loop that runs backwards in time as forwards over each row reversed within its length
+    rows_reversed: bool = False
 
     @property
     def state_size(self) -> int:
@@ -52,7 +58,7 @@ class LoopIR:
 
     @property
     def direction(self) -> str:
-        return "reverse" if self.reverse else "forward"
+        return "reverse" if self.reverse or self.rows_reversed else "forward"
 
 
 @dataclass
