@@ -184,4 +184,4 @@ def eager_rule(key: str, g: Tensor, step_inputs: list[Tensor], previous: list[Te
 
 @eager_rule.register_fake
 def _(key, g, step_inputs, previous, invariants):
-    return [torch.empty_like(g), g.new_empty(g.shape[1:])]
+    return [g.new_empty(g.shape), g.new_empty(g.shape[1:])]  # contiguous, as the op returns them

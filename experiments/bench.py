@@ -76,10 +76,10 @@ SMALL = {
 SWEEP_TOKENS = 32 * 1024
 GRU_METHODS = ("eager-bptt", "compile-bptt", "dsf-bptt", "dsf-ft", "dsf-dsf")
 # the backward rewrites beyond fixed λ (DESIGN.md §7), timed when named in --methods
-EXTRA_GRU_METHODS = ("dsf-adaptive", "dsf-highway1", "dsf-highway2")
+EXTRA_GRU_METHODS = ("dsf-adaptive", "dsf-highway1", "dsf-highway2", "dsf-tbptt2", "dsf-auto")
 # each named by the method label (methods.py) it times
 APPLY_OPTIONS = {row: apply_options(label) for row, label in
-                 zip(EXTRA_GRU_METHODS, ("dsf-adaptive", "highway-k1", "highway-k2"))}
+                 zip(EXTRA_GRU_METHODS, ("dsf-adaptive", "highway-k1", "highway-k2", "tbptt-w2", "auto"))}
 CELL_METHODS = ("eager-bptt", "compile-bptt", "dsf-dsf")
 FAMILIES = {"nn.GRU": ("gru", GRU_METHODS), "cell": ("gru-loop", CELL_METHODS)}
 

@@ -22,6 +22,7 @@ def no_stale_inductor_cache():
 @pytest.mark.parametrize("kind,mode,options", [
     ("gru", "dsf", {}), ("lstm", "ft", {}), ("rnn_tanh", "bptt", {}),
     ("lstm", "highway", {"iterations": 2}), ("gru", "dsf", {"feedback": "adaptive"}),
+    ("gru", "tbptt", {"window": 2}), ("lstm", "auto", {"every": 1}),
 ])
 def test_inductor_matches_aot_eager(kind, mode, options, monkeypatch):
     monkeypatch.setattr(kernels.cpu, "_WRITING_STEPS", {})
@@ -39,7 +40,7 @@ def test_inductor_matches_aot_eager(kind, mode, options, monkeypatch):
     # steps that ran compiled by Inductor on the CPU: exact mode's adjoint loop; under a
     # diagonal feedback, the forward that keeps the products for the backward
     compiled = {key.split(":")[0] for key, _ in kernels.cpu._WRITING_STEPS}
-    assert compiled == {"bptt": {"adjoint"}, "highway": set()}.get(mode, {"products"})
+    assert compiled == {"bptt": {"adjoint"}, "highway": set(), "auto": {"adjoint"}}.get(mode, {"products"})
 
 
 def test_language_model_trains_with_inductor():
