@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
-import sys
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,6 +23,7 @@ from .loop_backward import LoopBackward
 from .loop_ir import LeftExact, LoopIR
 from .ops import loop_states, reverse_linear_scan
 from .packed import PackedCalls
+from .passes.provenance import CALL_SITE, users_frame, warn_at_user, where_called
 from .report import LoopReport, Report
 from .rules import RULES, Rule, register_rule
 from .traced_rnn import opaque_rnn_calls
@@ -179,11 +177,14 @@ class _CompiledForward:
             # called from another compiled method (a loss method calling self(...)): traced
             # into the caller's graph, whose loops the backend sees together
             return self._original(*args, **kwargs)
+        site = CALL_SITE.set(where_called())  # the source of loops whose nodes hold no frame of the user's
         try:
             with _our_errors_unwrapped(), recurrent_ops_visible(), _GraphBreaks() as breaks, self.backend.running():
                 out = self.compiled(self.compiled_model, *args, **kwargs)
         except torch._dynamo.exc.FailOnRecompileLimitHit as error:
             return self._run_eagerly(error, args, kwargs)
+        finally:
+            CALL_SITE.reset(site)
         self.backend.graph_breaks.extend(b for b in breaks if b not in self.backend.graph_breaks)
         if not self._checked:
             self._checked = True
@@ -203,7 +204,7 @@ class _CompiledForward:
         if reason not in self.backend.eager_calls:
             self.backend.eager_calls.append(reason)
             last = " ".join(str(error).split())[:300]
-            warnings.warn(f"dsf_compile: this call runs eagerly with exact gradients: {reason} ({last})", stacklevel=3)
+            warn_at_user(f"dsf_compile: this call runs eagerly with exact gradients: {reason} ({last})")
         with self.backend.running(accounted=True):
             return self._original(*args, **kwargs)
 
@@ -221,7 +222,7 @@ class _CompiledForward:
         if self.backend.strict:
             raise UnsupportedLoopError(f"dsf_compile {found}, so the model would train with ordinary exact "
                                        f"gradients (strict=True refuses that; strict=False allows it).{details}")
-        warnings.warn(f"dsf_compile {found}, so it trains with ordinary exact gradients.{details}", stacklevel=3)
+        warn_at_user(f"dsf_compile {found}, so it trains with ordinary exact gradients.{details}")
 
 
 def apply(
@@ -266,6 +267,10 @@ def apply(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"dsf_compile.apply takes an nn.Module (the model to train), not {type(model).__name__}")
+    if getattr(model, "_dsf_backend", None) is not None:
+        raise ValueError(f"this model is already applied (mode={model._dsf_backend.mode!r}); apply once, to the "
+                         "model as written: for another mode, apply to a fresh copy of it (copy.deepcopy before "
+                         "the first apply)")
     dsf_backend = backend(mode, feedback, seed=seed, strict=strict, compiler=compiler, **options)
     for name in methods:
         if not callable(getattr(type(model), name, None)):
@@ -319,20 +324,13 @@ class _OutsideCallCheck:
             )
         if reason not in self.backend.eager_calls:
             self.backend.eager_calls.append(reason)
-            warnings.warn(f"dsf_compile: {reason}", stacklevel=4)
+            warn_at_user(f"dsf_compile: {reason}")
 
 
 def _calling_method(module: nn.Module) -> str | None:
-    """The name of the function that called ``module``, outside torch's own frames."""
-    frame = sys._getframe(2)
-    while frame is not None:
-        if not frame.f_code.co_filename.startswith(_TORCH_DIR):
-            return frame.f_code.co_name
-        frame = frame.f_back
-    return None
-
-
-_TORCH_DIR = os.path.dirname(torch.__file__)
+    """The name of the user's function that called ``module``."""
+    frame = users_frame()
+    return None if frame is None else frame.f_code.co_name
 
 
 def report(model: nn.Module) -> Report:
@@ -412,7 +410,23 @@ def explain(
     model itself is not changed."""
     probe = backend(mode, feedback, seed=seed, compiler="none", **(options or {}))
     compiled = _compile_method(model, "forward", probe, dynamic=False)
-    with _our_errors_unwrapped(), recurrent_ops_visible(), torch.no_grad(), _GraphBreaks() as breaks:
+    with _our_errors_unwrapped(), recurrent_ops_visible(), torch.no_grad(), _GraphBreaks() as breaks, \
+            _packed_calls_listed(model, probe):
         compiled(model, *example_args, **example_kwargs)
     probe.graph_breaks.extend(breaks)
     return probe.report
+
+
+@contextlib.contextmanager
+def _packed_calls_listed(model: nn.Module, probe: DSFBackend):
+    """While the block runs, the recurrent modules of ``model`` list their packed calls'
+    loops to ``probe`` (explain's backend), as an applied model's would train them."""
+    modules = [(path, m) for path, m in model.named_modules() if path and isinstance(m, nn.RNNBase)
+               and "forward" not in vars(m)]
+    for path, module in modules:
+        module.forward = PackedCalls(module, path, probe)
+    try:
+        yield
+    finally:
+        for _, module in modules:
+            del module.forward

@@ -86,6 +86,7 @@ class DSFBackend:
         self.graph_breaks: list[str] = []
         self.eager_calls: list[str] = []
         self._running = self._accounted = 0
+        self._traced = False  # whether any graph or packed call has reached this backend yet
 
     @property
     def adaptive_estimates(self) -> dict:
@@ -131,7 +132,8 @@ class DSFBackend:
         loops = [dataclasses.replace(loop, feedback=self._plans[key].rule.describe_feedback(),
                                      rewrite=self._plans[key].rule.describe())
                  for key, loop in self._loops.items()]
-        return Report(loops, list(self._left.values()), list(self.graph_breaks), list(self.eager_calls))
+        return Report(loops, list(self._left.values()), list(self.graph_breaks), list(self.eager_calls),
+                      traced=self._traced)
 
     def rule_for(self, loop: LoopIR) -> LoopPlan:
         """The backend's rule bound to ``loop``, with what the loop's forward keeps for it."""
@@ -146,6 +148,7 @@ class DSFBackend:
             ) from None
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> Callable:
+        self._traced = True
         restore_torch_calls(gm)
         self._left_exact(find_nested_loops(gm))
         if self.compiler == "none":
@@ -197,11 +200,11 @@ class DSFBackend:
                                             f"{excluded[key]} (a bug of dsf_compile: please report it)")
                                   for loop in loops])
                 return None
-            rules = [self.rule_for(loop) for loop in loops]
+            plans = [self.rule_for(loop) for loop in loops]
             if rewrite:
-                apply_rewrite(rules)
-            for loop, rule in zip(loops, rules):
-                self._note(loop, rule)
+                apply_rewrite(plans)
+            for loop, plan in zip(loops, plans):
+                self._note(loop, plan)
             problem = check() if check is not None else None
             return None if problem is None else (key, problem)
 
@@ -210,7 +213,7 @@ class DSFBackend:
         for site in sites:
             for loop in site.loops:
                 name(loop, f"{site.node.name}/{loop.name}")
-            failed = handle(site.node.name, site.loops, lambda rules, site=site: rewrite_recurrent_op(gm, site, rules))
+            failed = handle(site.node.name, site.loops, lambda plans, site=site: rewrite_recurrent_op(gm, site, plans))
             if failed:
                 return failed
         scans, left_exact = find_scan_loops(gm)
@@ -218,7 +221,7 @@ class DSFBackend:
         for found in scans:
             name(found.loop, found.node.name)
             failed = handle(found.node.name, [found.loop],
-                            lambda rules, found=found: rewrite_scan_loop(gm, found, rules[0]))
+                            lambda plans, found=found: rewrite_scan_loop(gm, found, plans[0]))
             if failed:
                 return failed
         # A rewrite replaces nodes that later loops may read (one layer's stacked outputs
@@ -234,7 +237,7 @@ class DSFBackend:
             for found in pending if not rewrite else pending[:1]:
                 key = found.segments[0][0].name
                 done.add(key)
-                failed = handle(key, [found.loop], lambda rules, found=found: rewrite_python_loop(gm, found, rules[0]))
+                failed = handle(key, [found.loop], lambda plans, found=found: rewrite_python_loop(gm, found, plans[0]))
                 if failed:
                     return failed
         self._left_exact(left_exact)
@@ -250,6 +253,7 @@ class DSFBackend:
             self._left[(item.what, item.source, item.reason)] = item
 
     def _note(self, loop: LoopIR, plan: LoopPlan) -> None:
+        self._traced = True
         key = (loop.name, loop.source)
         self._noted.append(key)
         self._plans[key] = plan

@@ -26,9 +26,6 @@ torch's own packed op.  A module with ``proj_size`` trains exactly, and is repor
 
 from __future__ import annotations
 
-import os
-import sys
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -38,10 +35,8 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from .cells import CARRIES, trace_masked_step
 from .loop_ir import LeftExact, LoopIR
 from .passes.find_rnn_ops import MODULE_OF
+from .passes.provenance import where_called
 from .runtime import LoopPlan, run_loop
-
-_THIS_PACKAGE = os.path.dirname(os.path.abspath(__file__))
-_TORCH = os.path.dirname(torch.__file__)
 
 
 def kind_of(module: nn.RNNBase) -> str:
@@ -62,9 +57,23 @@ class PackedCalls:
         self._plans: dict[tuple, tuple[LoopIR, LoopPlan]] = {}
 
     def __call__(self, input, hx=None):
-        if isinstance(input, PackedSequence) and self._trains():
+        if isinstance(input, PackedSequence) and self.backend.compiler == "none":
+            self._list(input)  # explain(): what a training call would run
+        elif isinstance(input, PackedSequence) and self._trains():
             return dsf_packed_rnn_call(self, input, hx)
         return type(self.module).forward(self.module, input, hx)
+
+    @torch.compiler.disable
+    def _list(self, packed: PackedSequence) -> None:
+        problem = self.problem()
+        if problem is not None:
+            self.backend._left_exact([LeftExact(f"{MODULE_OF[kind_of(self.module)]} '{self.path}'", where_called(),
+                                                f"packed sequence: {problem}")])
+            return
+        length, batch = len(packed.batch_sizes), int(packed.batch_sizes[0])
+        for layer in range(self.module.num_layers):
+            for direction in range(2 if self.module.bidirectional else 1):
+                self.loop(layer, direction, length, batch, where_called())
 
     def __deepcopy__(self, memo: dict) -> PackedCalls:
         import copy
@@ -113,11 +122,9 @@ class PackedCalls:
 @torch.compiler.disable
 def dsf_packed_rnn_call(calls: PackedCalls, packed: PackedSequence, hx):
     """The packed call (see the module's docstring), outside Dynamo's graphs."""
-    problem = calls.problem()
     module = calls.module
-    if problem is not None:
-        calls.backend._left_exact([LeftExact(f"{MODULE_OF[kind_of(module)]} '{calls.path}'", _caller(),
-                                             f"packed sequence: {problem}")])
+    if calls.problem() is not None:
+        calls._list(packed)
         return type(module).forward(module, packed, hx)
     data, batch_sizes, sorted_indices, unsorted_indices = packed
     x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes, None, None))  # (T, B, F), longest first
@@ -126,7 +133,7 @@ def dsf_packed_rnn_call(calls: PackedCalls, packed: PackedSequence, hx):
     kind, directions = kind_of(module), 2 if module.bidirectional else 1
     carries = _initial_states(module, kind, hx, B, x, sorted_indices, directions)
     reversal = _row_reversal(lengths, T).to(x.device) if directions == 2 else None
-    source = _caller()
+    source = where_called()
     weights = dict(module.named_parameters())
     finals: list[list[Tensor]] = []
     for layer in range(module.num_layers):
@@ -172,15 +179,3 @@ def _row_reversal(lengths: Tensor, length: int) -> Tensor:
 
 def _reorder(values: Tensor, order: Tensor) -> Tensor:
     return values.gather(0, order[..., None].expand_as(values))
-
-
-def _caller() -> str:
-    """``file:line`` of the user's call of the module."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        name = os.path.abspath(frame.f_code.co_filename)
-        if not name.startswith((_TORCH, _THIS_PACKAGE)):
-            return f"{name}:{frame.f_lineno}"
-        frame = frame.f_back
-    return "?"
-

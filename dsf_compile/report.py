@@ -35,8 +35,12 @@ class Report:
     left_exact: list[LeftExact] = field(default_factory=list)
     graph_breaks: list[str] = field(default_factory=list)
     eager_calls: list[str] = field(default_factory=list)
+    traced: bool = True  # False: the model has not been called since it was applied
 
     def __str__(self) -> str:
+        if not self.traced:
+            return ("not traced yet: the model has not been called since dsf_compile.apply; report() lists what "
+                    "its calls compile (dsf_compile.explain(model, *inputs) tells beforehand)")
         parts = []
         if self.loops:
             rows = [

@@ -384,6 +384,16 @@ def test_two_stacked_lstm_cells_on_a_time_series(mode):
 # --- round 2: a QRNN's CPU loop, an LSTMCell under Highway-BP, loops the reports missed ---
 
 
+def _sum_of_squares(*inputs):
+    """A training step's ``run``: the model on ``inputs``, the sum of its squared outputs."""
+    def run(m):
+        out = m(*inputs)
+        (out ** 2).sum().backward()
+        return [out]
+
+    return run
+
+
 class QRNNLayer(nn.Module):
     """A quasi-recurrent layer driven as AWD-LSTM's code drives it on a CPU: every step's
     gates from one linear map, then a loop over ``(1, B, H)`` slices whose carried state
@@ -550,10 +560,7 @@ def test_explain_lists_a_loop_running_backwards_beside_its_forward_twin():
     assert [(loop.direction, loop.name.split("'")[1]) for loop in explained.loops] == [
         ("forward", "forwards"), ("reverse", "backwards")]
 
-    def run(m):
-        out = m(x)
-        (out ** 2).sum().backward()
-        return [out]
+    run = _sum_of_squares(x)
 
     def reference(m):
         feedback_cell(m.forwards, LAM)
@@ -591,10 +598,7 @@ def test_two_loops_on_one_source_line_are_two_entries(mode):
     torch.manual_seed(0)
     model, x = TwoInlineLayers().double(), torch.randn(5, 2, 4, dtype=torch.float64)
 
-    def run(m):
-        out = m(x)
-        (out ** 2).sum().backward()
-        return [out]
+    run = _sum_of_squares(x)
 
     def reference(m):
         plain = m.step
@@ -641,10 +645,7 @@ def test_a_generation_loop_with_no_per_step_input_is_left_exact_and_listed(mode)
     torch.manual_seed(0)
     model, series = Forecaster().double(), torch.randn(3, 6, dtype=torch.float64)
 
-    def run(m):
-        out = m(series, 4)
-        (out ** 2).sum().backward()
-        return [out]
+    run = _sum_of_squares(series, 4)
 
     def reference(m):  # DSF over the observed series only; generation stays exact
         m.observe = feedback_step(m.observe, LAM)
@@ -691,10 +692,7 @@ def test_dropout_that_draws_nothing_does_not_keep_the_loop_exact(mode):
     torch.manual_seed(0)
     model, x = DropoutInTheStep(0.0).double(), torch.randn(5, 2, 3, dtype=torch.float64)
 
-    def run(m):
-        out = m(x)
-        (out ** 2).sum().backward()
-        return [out]
+    run = _sum_of_squares(x)
 
     def reference(m):
         feedback_cell(m.cell, LAM)

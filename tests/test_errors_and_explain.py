@@ -158,20 +158,34 @@ class PackedGRU(nn.Module):
         return h
 
 
-def test_packed_sequence_is_reported_and_trains_exactly():
+def test_packed_sequence_is_listed_by_explain_and_trained_with_the_rule():
+    """Dynamo cannot trace the packing; the applied model's GRU takes the packed call
+    itself (tests/test_packed.py checks its gradients) and explain() lists it too."""
     torch.manual_seed(0)
     x, lengths = torch.randn(5, 2, 3, dtype=torch.float64), torch.tensor([5, 3])
     report = dsf_compile.explain(PackedGRU().double(), x, lengths)
-    assert report.loops == []
+    (loop,) = report.loops
+    assert loop.name == "nn.GRU 'rnn' (packed sequence) layer 0" and loop.length == "5"
     assert any("pack_padded_sequence" in reason for reason in report.graph_breaks)
-    assert "graph breaks" in str(report)
     model, ref = PackedGRU().double(), PackedGRU().double()
     ref.load_state_dict(model.state_dict())
     dsf_compile.apply(model, compiler="aot_eager")
-    with pytest.warns(UserWarning, match="pack_padded_sequence"):
-        model(x, lengths).sum().backward()
+    model(x, lengths).sum().backward()
     ref(x, lengths).sum().backward()
-    assert torch.allclose(model.rnn.weight_hh_l0.grad, ref.rnn.weight_hh_l0.grad)
+    assert [loop.name for loop in dsf_compile.report(model).loops] == [loop.name]
+    assert not torch.allclose(model.rnn.weight_hh_l0.grad, ref.rnn.weight_hh_l0.grad)  # DSF's, not BPTT's
+    projected = nn.LSTM(3, 4, proj_size=2).double()
+    (item,) = dsf_compile.explain(_Packing(projected), x, lengths).left_exact
+    assert item.reason == "packed sequence: LSTM with proj_size is not supported"
+
+
+class _Packing(nn.Module):
+    def __init__(self, rnn):
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x, lengths):
+        return self.rnn(nn.utils.rnn.pack_padded_sequence(x, lengths))[1][0]
 
 
 def test_left_exact_multi_layer_op_warns_that_torch_drops_its_dropout():
@@ -387,3 +401,38 @@ def test_loops_under_activation_checkpointing_are_exact_and_reported():
     assert all("torch.utils.checkpoint" in e.reason for e in left)
     with pytest.raises(dsf_compile.UnsupportedLoopError, match="checkpoint"):
         dsf_compile.apply(copy.deepcopy(model), "dsf", compiler="aot_eager", strict=True)(x)
+
+
+def test_reports_speak_of_the_users_names_lines_and_call():
+    """Carries by the names the user's code gives them, sources at the user's lines, a bare
+    module's loops at the line that called it, warnings pointing at that line."""
+    from .helpers import GRUCellLoop
+
+    model, x = GRUCellLoop(), torch.randn(5, 2, 3)
+    (loop,) = dsf_compile.explain(model, x).loops
+    assert loop.carries == "h[4]" and loop.source.endswith(f"helpers.py:{_line(GRUCellLoop.forward, 'self.cell(')}")
+    gru = dsf_compile.apply(nn.GRU(3, 4), compiler="aot_eager")
+    gru(x)  # a bare nn.GRU: no frame of the user's code in its graph
+    call = _line(test_reports_speak_of_the_users_names_lines_and_call, "gru(x)  # a bare")
+    assert dsf_compile.report(gru).loops[0].source.endswith(f"test_errors_and_explain.py:{call}")
+    mlp = dsf_compile.apply(nn.Linear(3, 4), compiler="aot_eager")
+    with pytest.warns(UserWarning, match="found no recurrent loop") as warned:
+        mlp(torch.randn(2, 3))  # warned here
+    assert warned[0].filename == __file__
+    assert warned[0].lineno == _line(test_reports_speak_of_the_users_names_lines_and_call, "# warned here")
+
+
+def _line(function, text: str) -> int:
+    import inspect
+
+    lines, first = inspect.getsourcelines(function)
+    return first + next(i for i, line in enumerate(lines) if text in line)
+
+
+def test_a_report_before_the_first_call_says_so_and_applying_twice_is_refused():
+    model = dsf_compile.apply(nn.GRU(3, 4), compiler="aot_eager")
+    assert str(dsf_compile.report(model)).startswith("not traced yet")
+    with pytest.raises(ValueError, match="already applied"):
+        dsf_compile.apply(model, "ft")
+    model(torch.randn(5, 2, 3))
+    assert str(dsf_compile.report(model)).startswith("1 recurrent loop(s)")

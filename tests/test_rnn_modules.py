@@ -1,10 +1,13 @@
 """apply() on nn.RNN / nn.GRU / nn.LSTM against the literal reference (DESIGN.md §1)."""
 
+import contextlib
 import itertools
 import zlib
 
 import pytest
 import torch
+
+import dsf_compile
 
 from .helpers import assert_close, make_case, rel_err, run_compiled, run_eager
 from .reference import dsf_reference
@@ -34,7 +37,11 @@ def _lams(module, mode, dtype):
 def test_matches_literal_reference_float64(kind, config, mode):
     seed = zlib.crc32(repr((kind, config, mode)).encode()) % 10_000
     module, x, h0, loss_fn = make_case(kind, *config, dtype=torch.float64, seed=seed)
-    _, outputs, grads = run_compiled(module, x, h0, loss_fn, mode)
+    single_step = x.shape[1 if module.batch_first else 0] == 1
+    with pytest.warns(UserWarning, match="single step") if single_step else contextlib.nullcontext():
+        model, outputs, grads = run_compiled(module, x, h0, loss_fn, mode)
+    loops = 0 if single_step else module.num_layers * (1 + module.bidirectional)
+    assert len(dsf_compile.report(model).loops) == loops
     want_outputs, want = dsf_reference(module, x, h0, _lams(module, mode, torch.float64), loss_fn)
     for got, ref in zip(outputs, want_outputs):
         assert rel_err(got, ref) <= 1e-12

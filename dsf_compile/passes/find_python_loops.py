@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import inspect
 import operator
-import re
 from dataclasses import dataclass, field
 
 import torch
@@ -32,7 +31,7 @@ from torch.utils._pytree import tree_flatten
 from ..cells import DECOMPOSED_CELL_OPS
 from ..loop_ir import LeftExact, LoopIR
 from .find_rnn_ops import RECURRENT_OPS
-from .provenance import common_source, module_path, user_name
+from .provenance import assigned_name, common_source, module_path, user_name
 
 _SEQUENCE_SPLITS = {"unbind", "split", "chunk"}
 _RANDOM_OPS = ("dropout", "rand", "bernoulli", "normal", "multinomial", "uniform", "poisson", "exponential")
@@ -634,8 +633,9 @@ def describe_step(step: list[torch.fx.Node]) -> tuple[str, str]:
 
 
 def _carry_name(node: torch.fx.Node) -> str:
-    """A carried value as the program names it (Dynamo numbers each step's copy: ``h_3``)."""
-    return re.sub(r"_\d+$", "", node.name)
+    """A carried value as the program names it: the name its line assigns it to, else
+    Dynamo's name for it (which numbers each step's copy: ``h_3``)."""
+    return assigned_name(node) or user_name(node)
 
 
 def _same_shape(a, b) -> bool:

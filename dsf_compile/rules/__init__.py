@@ -13,7 +13,7 @@ import inspect
 from collections.abc import Callable
 
 from ..feedback import Feedback, check_feedback_option
-from .adaptive import DEFAULT_MOMENTUM, Adaptive
+from .adaptive import Adaptive
 from .auto import Auto
 from .bptt import ExactBPTT
 from .dsf import DSF
@@ -93,5 +93,3 @@ def make_rule(mode: str | Rule, feedback: Feedback = "linspace", seed: int = 0, 
 def _is_default(feedback: Feedback) -> bool:
     return isinstance(feedback, str) and feedback == "linspace"
 
-
-__all__ += ["DEFAULT_MOMENTUM"]

@@ -1,7 +1,7 @@
 """Keep a step's products with its weights from the forward, for the backward to reuse.
 
-Every backward but exact BPTT's and Highway-BP's takes the VJP of the step body over all
-T steps at once (:func:`dsf_compile.runtime.feedback_gradients`).  Run on the body as it
+Every backward rule but exact BPTT's ends with the VJP of the step body over all T steps
+at once (:meth:`dsf_compile.LoopBackward.local_gradients`).  Run on the body as it
 is, that VJP first recomputes the body's forward: for a GRU or an LSTM layer, the input
 and the hidden projection, two GEMMs over T·B rows that the forward has already done.  A
 product ``a @ W`` with a loop invariant ``W`` (``linear``, ``mm``, ``addmm``, ``matmul``,
