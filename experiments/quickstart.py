@@ -17,18 +17,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 from tabulate import tabulate
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from data import DEFAULT_ROOT, context_batches, load_ptb_chars, positive_int, run_script  # noqa: E402
 from methods import apply_options  # noqa: E402
+from progress import Progress  # noqa: E402
 
 import dsf_compile  # noqa: E402
 from dsf_compile.models.lm import RNNLanguageModel  # noqa: E402
@@ -90,7 +91,9 @@ def train(name: str, corpus, args: argparse.Namespace) -> dict:
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     batches = context_batches(corpus.train, args.context, args.batch, shuffle=True, seed=args.seed)
     losses, first_step_s, timed_s = [], 0.0, 0.0
-    bar = None
+    progress = Progress(f"{name:>12}", 0, args.steps)
+    if name != "eager-bptt":
+        print(f"{name}: first step, compiling the rewritten graphs (seconds; timed apart) ...", flush=True)
     for step in range(args.steps):
         x, y = next(batches)
         started = time.perf_counter()
@@ -102,13 +105,12 @@ def train(name: str, corpus, args: argparse.Namespace) -> dict:
         losses.append(loss.item())
         if step == 0:  # compilation: timed on its own; the bar and its ETA start after it
             first_step_s = elapsed
-            bar = tqdm(total=args.steps - 1, desc=f"{name:>12}", unit="step", leave=True, dynamic_ncols=True)
         else:
             timed_s += elapsed
-            bar.update()
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    if bar is not None:
-        bar.close()
+        progress.step(step + 1)
+    progress.close()
+    print(f"{name}: validating on {args.valid_batches} batches, and measuring the gradient's cosine to BPTT's ...",
+          flush=True)
     row = {"method": name, "first step s": round(first_step_s, 1),
            "tokens/s": round((args.steps - 1) * args.batch * args.context / timed_s) if timed_s else None,
            "train loss": round(sum(losses[-20:]) / len(losses[-20:]), 3),
@@ -141,12 +143,35 @@ def conclusion(rows: list[dict]) -> str:
     return sentence + " Perplexities after so few steps rank early training, not final quality."
 
 
+# what each method is, as the table's legend says it
+LEGEND = {
+    "eager-bptt": "the model as written, eager PyTorch: exact BPTT through torch's fused nn.GRU (the baseline)",
+    "bptt": "exact BPTT through dsf_compile.apply (mode='bptt')",
+    "ft": "fully truncated BPTT: each state's gradient is its direct gradient alone (λ = 0)",
+    "dsf": "diagonal state feedback: δ_t = g_t + λ ⊙ δ_{t+1} with the paper's λ = linspace(0, 1)",
+    "dsf-adaptive": "DSF with λ estimated from the mean diagonal of each step's Jacobian",
+    "highway-k1": "Highway-BP, one refinement around the GRU's update-gate path (DESIGN.md §7)",
+    "highway-k2": "Highway-BP, two refinements",
+}
+COLUMNS = ("tokens/s: characters trained per second after the first step; first step s: the first step, which "
+           "compiles, timed apart; speed-up: over eager-bptt's tokens/s; valid ppl: perplexity per character on "
+           "the validation split after the same steps; grad cosine to BPTT: the cosine between the method's gradient "
+           "and exact BPTT's on one batch (1: the same direction); loops rewritten: the recurrent loops apply() "
+           "rewrote")
+
+
+def machine_load() -> tuple[float, int]:
+    """The 1-minute load average and the cores this process may use."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return os.getloadavg()[0], cores
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     corpus = load_ptb_chars(args.data_root)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    print(f"PTB characters ({len(corpus.vocab)} symbols, {len(corpus.train):,} training), GRU {args.layers}×"
-          f"{args.hidden}, T={args.context}, B={args.batch}, {args.steps} steps per method, "
+    print(f"PTB characters ({len(corpus.vocab)} symbols; {len(corpus.train):,} training characters), GRU "
+          f"{args.layers}×{args.hidden}, T={args.context}, B={args.batch}, {args.steps} steps per method, "
           f"{torch.get_num_threads()} threads", flush=True)
     rows = [train(name, corpus, args) for name in args.methods]
     base = next((r for r in rows if r["method"] == "eager-bptt"), None)
@@ -155,11 +180,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
             row["speed-up vs eager BPTT"] = round(row["tokens/s"] / base["tokens/s"], 2)
     headers = ["method", "tokens/s", "speed-up vs eager BPTT", "valid ppl", "train loss", "grad cosine to BPTT",
                "first step s", "loops rewritten"]
+    load, cores = machine_load()
     print()
     print(tabulate([[r.get(h, "-") for h in headers] for r in rows], headers=headers))
+    print("\n" + "\n".join(f"  {r['method']}: {LEGEND.get(r['method'], r['method'])}" for r in rows))
+    print(f"  {COLUMNS}")
+    print(f"\nMachine load (1-minute average) {load:.2f} on {cores} cores."
+          + (" WARNING: more than its cores: rates are lower than on a quiet machine and the speed-ups less "
+             "comparable; run again when it is quiet (experiments/bench.py measures with repeats)."
+             if load > cores else ""))
     print("\n" + conclusion(rows))
     if args.out:
-        Path(args.out).write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=1) + "\n")
+        Path(args.out).write_text(json.dumps({"settings": vars(args), "rows": rows, "load": load, "cores": cores},
+                                             indent=1) + "\n")
     return rows
 
 

@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -44,6 +43,7 @@ from data import (  # noqa: E402
     sentence_batches,
 )
 from methods import EAGER_BPTT, label_of  # noqa: E402
+from progress import Progress  # noqa: E402
 
 import dsf_compile  # noqa: E402
 from dsf_compile.models import RNNLanguageModel, TransformerLikeRNN  # noqa: E402
@@ -283,46 +283,6 @@ def save_checkpoint(path: Path, **state) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)
-
-
-class Progress:
-    """What a run says while it trains: a bar on a terminal; elsewhere (a file, nohup, CI),
-    a plain line at least every ``PLAIN_EVERY_S`` seconds, so that no minute passes silent."""
-
-    PLAIN_EVERY_S = 30.0
-
-    def __init__(self, label: str, first: int, last: int) -> None:
-        self.label, self.last = label, last
-        self.interactive = sys.stdout.isatty()
-        self.bar = None
-        self.first, self.started, self.printed = first, time.perf_counter(), time.perf_counter()
-
-    def step(self, step: int) -> None:
-        if self.interactive:
-            if self.bar is None:  # made after the first step, so that its ETA leaves compilation out
-                self.bar = tqdm(total=self.last, initial=step, unit="step", dynamic_ncols=True, desc=self.label)
-            else:
-                self.bar.update()
-            return
-        now = time.perf_counter()
-        if now - self.printed >= self.PLAIN_EVERY_S:
-            done = step - self.first
-            rate = done / (now - self.started)
-            eta = (self.last - step) / rate if rate > 0 else math.inf
-            print(f"{self.label}: step {step}/{self.last}, {rate:.2f} steps/s, about {eta / 60:.0f} min left",
-                  flush=True)
-            self.printed = now
-
-    def write(self, line: str) -> None:
-        if self.bar is not None:
-            tqdm.write(line)
-        else:
-            print(line, flush=True)
-        self.printed = time.perf_counter()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def limit_reached(config: dict, state: dict, run_start: float) -> str | None:

@@ -248,6 +248,19 @@ def test_quickstart_compares_methods_on_the_same_steps(data_root, tmp_path):
     assert json.loads((tmp_path / "q.json").read_text())["rows"] == rows
 
 
+def test_quickstart_explains_its_table_and_says_the_machines_load(data_root, tmp_path, capsys, monkeypatch):
+    import quickstart
+
+    monkeypatch.setattr(quickstart.os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    quickstart.main(["--data-root", str(data_root), "--steps", "2", "--hidden", "8", "--layers", "1",
+                     "--context", "16", "--batch", "2", "--valid-batches", "1", "--compiler", "aot_eager",
+                     "--methods", "eager-bptt", "ft"])
+    out = capsys.readouterr().out
+    assert "training characters" in out and "ft: fully truncated BPTT" in out and "grad cosine to BPTT: the" in out
+    assert "ft: first step, compiling" in out and "ft: validating" in out
+    assert "Machine load (1-minute average) 9.00 on" in out and "WARNING: more than its cores" in out
+
+
 def test_gap_closure_is_not_a_number_when_ft_is_not_behind_bptt():
     assert report.gap_closure({"bptt": 100.0, "ft": 120.0, "dsf": 105.0}) == pytest.approx(0.75)
     assert report.gap_closure({"bptt": 100.0, "ft": 95.0, "dsf": 105.0}) is None
