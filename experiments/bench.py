@@ -84,7 +84,7 @@ CELL_METHODS = ("eager-bptt", "compile-bptt", "dsf-dsf")
 FAMILIES = {"nn.GRU": ("gru", GRU_METHODS), "cell": ("gru-loop", CELL_METHODS)}
 
 
-def build(config: dict, model: str, method: str, device: str) -> nn.Module:
+def build(config: dict, model: str, method: str, device: str, compiler: str = "inductor") -> nn.Module:
     torch.manual_seed(0)
     cell = FAMILIES[model][0]
     cls = RNNLanguageModel if config["model"] == "stack" else TransformerLikeRNN
@@ -92,7 +92,8 @@ def build(config: dict, model: str, method: str, device: str) -> nn.Module:
     if method == "compile-bptt":
         return torch.compile(net)
     if method.startswith("dsf-"):
-        return dsf_compile.apply(net, **APPLY_OPTIONS.get(method, dict(mode=method.removeprefix("dsf-"))))
+        return dsf_compile.apply(net, compiler=compiler,
+                                 **APPLY_OPTIONS.get(method, dict(mode=method.removeprefix("dsf-"))))
     return net
 
 
@@ -152,7 +153,7 @@ def prepare(config: dict, model_kind: str, method: str, device: str, args: argpa
     row = {"config": config["name"], "model": model_kind, "method": method, "T": config["T"], "B": config["B"],
            "commit": args.commit}
     before = allocated(device)
-    model = build(config, model_kind, method, device)
+    model = build(config, model_kind, method, device, args.compiler)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     tokens = torch.randint(0, config["V"], (config["B"], config["T"] + 1), device=device)
     x, y = tokens[:, :-1], tokens[:, 1:]
@@ -320,6 +321,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compile-timeout", type=float, default=480.0,
                         help="seconds a first step (compilation included) may take before the row is given up")
     parser.add_argument("--no-scan", action="store_true", help="skip the scan-alone measurements")
+    parser.add_argument("--compiler", choices=("inductor", "aot_eager"), default="inductor",
+                        help="what runs the applied rows' graphs (aot_eager: no code generation, for dry runs; "
+                             "its times are not the library's)")
     parser.add_argument("--warm-caches", action="store_true",
                         help="let Inductor reuse earlier compilations (first-step times are then not cold)")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in <out>.json")
@@ -351,7 +355,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.resume and out.with_suffix(".json").is_file():
         result = json.loads(out.with_suffix(".json").read_text())
     # the latest writer's provenance; each row records the commit that measured it
-    result.update(provenance.record(args.command, device))
+    result.update(provenance.record(args.command, device), compiler=args.compiler)
     done = {(r["config"], r["model"], r["method"]) for r in result["rows"]}
     for config in configs_of(args):
         for model_kind, (_, methods) in FAMILIES.items():
@@ -398,7 +402,9 @@ def markdown(result: dict) -> str:
     table = [[spread(r) if k == "spread" else fmt(r.get(k)) for k in keys] + [fmt(s), r.get("status", "")]
              for r, s in zip(result["rows"], speedups)]
     baseline = "cuDNN" if result["device"] != "cpu" and not result["device"].startswith("cpu") else "torch's fused op"
+    dry = result.get("compiler", "inductor") != "inductor"
     text = (f"# Training step, {result['device']}, torch {result['torch']}"
+            + (f" (applied rows through {result['compiler']}: a dry run, not the library's speed)" if dry else "")
             + (f", TF32 {'on' if result['tf32'] else 'off'}" if not result["device"].startswith("cpu") else "")
             + f"\n\nProduced by `{result['command']}` at commit {result.get('commit') or 'unknown'}.  "
             "step_ms: median over every timed step; spread: the "

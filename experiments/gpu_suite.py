@@ -106,7 +106,8 @@ GPU = Sizes(tests_s=180, tests_cap_s=300, scan_s=60, startup_s=20, bench_flags=(
             bench_configs=BENCH_CONFIGS, ptb_epochs=30, ptb_flags=(), wiki_flags=(), wiki_valid_batches=None,
             wiki_max_epochs=PAPER_WIKI_EPOCHS, bench_schedules=BENCH_SCHEDULES)
 TINY = Sizes(tests_s=60, tests_cap_s=240, scan_s=5, startup_s=8,
-             bench_flags=("--small", "--compile-timeout", "120"), bench_configs=("ptb",), ptb_epochs=2,
+             bench_flags=("--small", "--compile-timeout", "120", "--compiler", "aot_eager"), bench_configs=("ptb",),
+             ptb_epochs=2,
              ptb_flags=("--width", "16", "--layers", "2", "--batch", "8", "--milestones", "1", "--log-every", "5",
                         "--compiler", "aot_eager"),
              wiki_flags=("--width", "16", "--layers", "1", "--batch", "4", "--context", "16", "--log-every", "5",
