@@ -391,7 +391,8 @@ def _attempt(calls, position, anchors, families, taken) -> tuple[PythonLoop | No
     except NotALoop as reason:
         positions = [p for p, _ in anchors]
         return None, reason, (min(positions), max(positions))
-    span = (max(0, start - size + 1), min(len(calls) - 1, start + len(order) * size))
+    # from the first step's anchor to the last step's end: inside the loop, whatever the phase
+    span = (start, min(len(calls) - 1, start + len(order) * size - 1))
     best, reasons = None, []
     for candidates in _segmentations(calls, start, size, len(order)):
         for segments in candidates:
@@ -467,14 +468,15 @@ def find_python_loops(gm: torch.fx.GraphModule) -> tuple[list[PythonLoop], list[
             if reason.settled or _looks_like_a_loop(family):
                 refusals.append(_Refusal(span, f"loop over {user_name(family.source)}", _first_step(calls, anchors),
                                          reason))
-    refused = {p for r in refusals for p in range(r.span[0], r.span[1] + 1)}
-    for anchors in _repeated_ops(calls, taken | refused):
-        if any(p in taken or p in refused for p, _ in anchors):
+    seen = {p for r in refusals for p in range(r.span[0], r.span[1] + 1)}
+    for anchors in _repeated_ops(calls, taken | seen):
+        if any(p in taken or p in seen for p, _ in anchors):
             continue
         loop, reason, span = _attempt(calls, position, anchors, families, taken)
         if loop is None and reason.settled:  # the same computation repeated, with carries: a loop
             refusals.append(_Refusal(span, "", _first_step(calls, anchors), reason))
-            refused.update(range(span[0], span[1] + 1))
+        # (not settled: the ops repeat, the steps do not; neither is tried again by another op)
+        seen.update(range(span[0], span[1] + 1))
     return loops, _one_entry_per_loop(refusals)
 
 
