@@ -29,6 +29,10 @@ from .kernels import differentiable, filled, register_adjoint, to_receiver
 from .loop_ir import LoopIR
 from .step.highway import HighwayStep
 
+# what each linearisation serves: the VJPs of inputs and weights ("local"), those against the
+# consumed states too ("transposed"), and with the highway diagonal beside them ("highway")
+_SERVES = {"local": {"local"}, "transposed": {"local", "transposed"}, "highway": {"local", "transposed", "highway"}}
+
 
 class LoopBackward:
     """One loop, during one backward.
@@ -131,8 +135,7 @@ class LoopBackward:
         """Build the linearisation that serves ``need`` ("local", "transposed", "highway")
         unless the one there already does; the highway diagonal after a plain
         linearisation is one more evaluation of the step."""
-        if self._kind == need or (self._kind == "highway" and need != "highway") or \
-                (self._kind == "transposed" and need == "local"):
+        if self._kind is not None and need in _SERVES[self._kind]:
             return
         if self._kind == "transposed" and need == "highway":
             self._diagonal = self._highway_values()
