@@ -258,7 +258,7 @@ def plot_fidelity(runs: list[dict], path: Path) -> bool:
 
 KEPT = ("config", "method", "best_valid_ppl", "tokens", "epochs", "steps", "complete", "stopped_by", "data",
         "width", "layers", "cell", "context", "train_seconds", "device", "deviations", "provenance", "folder",
-        "curves")
+        "loops", "curves")
 
 
 def main(argv: list[str] | None = None) -> str:

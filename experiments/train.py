@@ -448,6 +448,10 @@ def main(argv: list[str] | None = None) -> dict:
         "train_seconds": state["train_seconds"], "device": device,
         "deviations": deviations(config, stopped_by), "settings": config,
         "provenance": provenance.record(command, device),
+        # what each loop's backward ran, as report() says it (auto: the k it chose and why)
+        "loops": [] if config["method"] == EAGER_BPTT else [
+            {"name": loop.name, "rewrite": loop.rewrite, "feedback": loop.feedback}
+            for loop in dsf_compile.report(model).loops],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
