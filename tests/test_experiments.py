@@ -220,6 +220,10 @@ def test_fidelity_experiment_writes_its_table(data_root, tmp_path):
         assert record["methods"]["highway-k4"]["recurrent_cosine"] > record["methods"]["ft"]["recurrent_cosine"]
         assert all(-1 <= m["recurrent_cosine"] <= 1 + 1e-9 for m in record["methods"].values())
     assert "highway-k4" in (tmp_path / "fid.md").read_text() and (tmp_path / "fid.png").stat().st_size > 1000
+    # redrawn from its JSON, without training: the same table, a figure, no second JSON
+    fidelity.main(["--from-json", str(tmp_path / "fid.json"), "--out", str(tmp_path / "again")])
+    assert (tmp_path / "again.md").read_text() == (tmp_path / "fid.md").read_text()
+    assert (tmp_path / "again.png").stat().st_size > 1000 and not (tmp_path / "again.json").exists()
 
 
 def test_benchmark_times_the_extra_backward_rewrites_when_named(tmp_path):
