@@ -55,9 +55,23 @@ def plain_log_axis(ax) -> None:
     the values span more than a factor of 4, else linear."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    low, high = ax.get_ylim()
+    # the data's range, not the view's: a linear view's margin may reach below zero
+    low, high = ax.dataLim.y0, ax.dataLim.y1
     if low > 0 and high / low > 4:
         ax.set_yscale("log")
         ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_minor_formatter(NullFormatter())
     ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+
+
+def plain_token_axis(ax) -> None:
+    """A token-count x axis labelled 500k, 1M, 2.5M, not with a ×10⁶ offset."""
+    from matplotlib.ticker import FuncFormatter
+
+    def label(value: float, _) -> str:
+        for size, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+            if abs(value) >= size:
+                return f"{value / size:g}{suffix}"
+        return f"{value:g}"
+
+    ax.xaxis.set_major_formatter(FuncFormatter(label))

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import provenance  # noqa: E402
 from methods import EXACT  # noqa: E402
-from plots import colour, draw_order, plain_log_axis, smoothed  # noqa: E402
+from plots import colour, draw_order, plain_log_axis, plain_token_axis, smoothed  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_OUT = ROOT / "runs" / "reports"
@@ -63,8 +63,24 @@ def load_run(folder: Path) -> dict:
     summary = json.loads((folder / "summary.json").read_text())
     log_path = folder / "log.jsonl"
     log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] if log_path.is_file() else []
-    return {**summary, "folder": str(folder), "curves": curves_of(log),
+    return {**summary, "folder": str(folder), "curves": curves_of(latest_attempt(log)),
             "context": summary.get("settings", {}).get("context")}
+
+
+def latest_attempt(log: list[dict]) -> list[dict]:
+    """A log as its run's last attempt wrote it.  train.py now rewrites its log when it
+    resumes or starts over; logs written before that hold every attempt one after another,
+    and a training record whose step does not pass the previous one's marks where the next
+    attempt took over: what the earlier attempt logged from that step on is dropped."""
+    kept: list[dict] = []
+    last_train = 0
+    for entry in log:
+        if entry["kind"] == "train":
+            if entry["step"] <= last_train:
+                kept = [e for e in kept if e["step"] < entry["step"]]
+            last_train = entry["step"]
+        kept.append(entry)
+    return kept
 
 
 def curves_of(log: list[dict]) -> dict:
@@ -195,8 +211,12 @@ def plot(runs: list[dict], path: Path) -> bool:
     fig, (train_ax, valid_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     models = sorted({model_of(run) for run in runs})
     styles = dict(zip(models, ["-", "--", ":", "-."] * len(models)))
+    labelled = set()
     for z, run in draw_order(runs):
         label = f"{run['method']}" + (f" ({model_of(run)})" if len(models) > 1 else "")
+        if label in labelled:
+            label = "_" + label  # matplotlib leaves it out of the legend: seeds share one entry
+        labelled.add(label)
         exact = run["method"] in EXACT
         style = dict(color=colour(run["method"]), zorder=z, linewidth=2.2 if exact else 1.4,
                      linestyle=(0, (5, 2)) if exact else styles[model_of(run)])
@@ -215,6 +235,7 @@ def plot(runs: list[dict], path: Path) -> bool:
     valid_ax.set(xlabel="training tokens", ylabel="validation perplexity", title="validation")
     for ax in (train_ax, valid_ax):
         plain_log_axis(ax)
+        plain_token_axis(ax)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     fig.suptitle(", ".join(models), fontsize=10)
@@ -249,6 +270,7 @@ def plot_fidelity(runs: list[dict], path: Path) -> bool:
     ax.set(xlabel="training tokens", ylabel="cosine to exact BPTT (all parameters)", ylim=(-0.05, 1.02),
            title="Gradient fidelity over training")
     ax.grid(alpha=0.3)
+    plain_token_axis(ax)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -294,6 +294,17 @@ def limit_reached(config: dict, state: dict, run_start: float) -> str | None:
     return None
 
 
+def logged_before(log_path: Path, step: int) -> list[dict]:
+    """The entries of ``log_path`` written before a checkpoint at ``step``: training and
+    validation records up to that step, fidelity probes before it (one at ``step`` is taken
+    as the next step starts); a validation at a stop is not kept, since the run goes on."""
+    if not log_path.is_file():
+        return []
+    entries = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    return [e for e in entries if (e["step"] < step if e["kind"] == "fidelity" else
+                                   e["kind"] != "valid_at_stop" and e["step"] <= step)]
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     command = provenance.command_line(argv, __file__) if argv is not None else provenance.command_line()
@@ -344,7 +355,12 @@ def main(argv: list[str] | None = None) -> dict:
     if config["method"] != EAGER_BPTT:
         dsf_compile.apply(model, config["method"], config["feedback"], seed=config["seed"],
                           compiler=config["compiler"], **method_options(config))
-    log = (out / "log.jsonl").open("a")
+    log_path = out / "log.jsonl"
+    # the log goes on from the checkpoint: what was logged after it (or by an attempt that
+    # wrote none) is logged again by this run, so it is dropped rather than kept twice
+    kept = logged_before(log_path, state["step"]) if checkpoint is not None else []
+    log_path.write_text("".join(json.dumps(entry) + "\n" for entry in kept))
+    log = log_path.open("a")
 
     def record(**entry) -> None:
         log.write(json.dumps(entry) + "\n")

@@ -64,6 +64,28 @@ def test_resume_continues_to_identical_results(data_root, tmp_path):
         assert torch.equal(value, b["model"][key]), key
     valid = lambda run: [json.loads(line) for line in (tmp_path / run / "log.jsonl").open() if '"valid"' in line]
     assert [v["valid_ppl"] for v in valid("whole")] == [v["valid_ppl"] for v in valid("split")]
+    # the resumed run's log is the whole run's, each step once, the validation at the stop dropped
+    assert _log_steps(tmp_path / "split") == _log_steps(tmp_path / "whole")
+    # started over without a checkpoint: the earlier attempt's records are gone
+    (tmp_path / "split" / "checkpoint.pt").unlink()
+    _run(data_root, tmp_path / "split")
+    assert _log_steps(tmp_path / "split") == _log_steps(tmp_path / "whole")
+
+
+def _log_steps(run: Path) -> list[tuple]:
+    return [(e["kind"], e["step"], e["tokens"]) for e in map(json.loads, (run / "log.jsonl").open())]
+
+
+def test_report_reads_a_log_of_several_attempts_as_its_last_one():
+    def train_entry(step):
+        return {"kind": "train", "step": step, "tokens": 10 * step, "ppl": 100.0 - step}
+
+    started_over = [train_entry(1), train_entry(5), {"kind": "valid", "step": 5, "tokens": 50, "epoch": 0.5,
+                                                     "valid_ppl": 9.0}, train_entry(10), train_entry(1),
+                    train_entry(5)]
+    assert report.latest_attempt(started_over) == [train_entry(1), train_entry(5)]
+    resumed = [train_entry(5), train_entry(10), train_entry(15), train_entry(10), train_entry(15)]
+    assert report.latest_attempt(resumed) == [train_entry(5), train_entry(10), train_entry(15)]
 
 
 def test_refuses_to_overwrite_a_run(data_root, tmp_path):
