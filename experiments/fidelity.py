@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
         result = json.loads(Path(args.from_json).read_text())
         write(result, out, json_too=False)
         return result
+    command = provenance.command_line(argv, __file__) if argv is not None else provenance.command_line()
+    stamp = provenance.record(command)  # the code this process loaded, not what the tree holds at its end
     corpus = load_ptb(args.data_root, max_len=10**9)
     stream = torch.tensor([i for sentence in corpus.train for i in sentence])
     torch.manual_seed(args.seed)
@@ -111,9 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
             epoch += 1
             continue
         break
-    command = provenance.command_line(argv, __file__) if argv is not None else provenance.command_line()
     result = {"settings": vars(args), "vocab": len(corpus.vocab), "seconds": time.perf_counter() - started,
-              **provenance.record(command), "records": records}
+              **stamp, "records": records}
     write(result, out, json_too=True)
     return result
 

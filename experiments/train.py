@@ -332,6 +332,7 @@ def main(argv: list[str] | None = None) -> dict:
         config = resolve_config(args)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(config["tf32"])
     device = config["device"]
+    stamp = provenance.record(command, device)  # the code this process loaded, not what the tree holds at its end
 
     torch.manual_seed(config["seed"])
     random.seed(config["seed"])
@@ -463,7 +464,7 @@ def main(argv: list[str] | None = None) -> dict:
         "data": data.source, "width": config["width"], "layers": config["layers"], "cell": config["cell"],
         "train_seconds": state["train_seconds"], "device": device,
         "deviations": deviations(config, stopped_by), "settings": config,
-        "provenance": provenance.record(command, device),
+        "provenance": stamp,
         # what each loop's backward ran, as report() says it (auto: the k it chose and why)
         "loops": [] if config["method"] == EAGER_BPTT else [
             {"name": loop.name, "rewrite": loop.rewrite, "feedback": loop.feedback}
