@@ -186,7 +186,9 @@ class _CompiledForward:
         finally:
             CALL_SITE.reset(site)
         self.backend.graph_breaks.extend(b for b in breaks if b not in self.backend.graph_breaks)
-        if not self._checked:
+        # judged at the first call that trains: one without gradients runs no backward (and a
+        # packed call runs torch's own op then), so it cannot tell whether a loop will be rewritten
+        if not self._checked and torch.is_grad_enabled():
             self._checked = True
             self._warn_if_nothing_found()
         return out
@@ -254,7 +256,9 @@ def apply(
     1), estimated at every backward with one Rademacher probe and smoothed across steps by
     ``momentum``, default 0.9), a float, a 1-D tensor (for every loop of that state size)
     or a callable ``LoopIR -> λ``.  An option the mode does not read is refused.
-    ``strict=True`` makes anything that would be left exact an error.  ``compiler``:
+    When the first call with gradients enabled finds no loop to rewrite, it warns (calls under
+    ``torch.no_grad()`` train nothing and are not judged); ``strict=True`` makes that, and
+    anything that would be left exact, an error.  ``compiler``:
     ``"inductor"``, or ``"aot_eager"`` to run the rewritten graphs without code generation
     (fast to build; debugging, tests).
     ``dynamic`` is passed to ``torch.compile``.  ``methods``: the methods training runs

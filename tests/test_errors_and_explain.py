@@ -416,6 +416,10 @@ def test_reports_speak_of_the_users_names_lines_and_call():
     call = _line(test_reports_speak_of_the_users_names_lines_and_call, "gru(x)  # a bare")
     assert dsf_compile.report(gru).loops[0].source.endswith(f"test_errors_and_explain.py:{call}")
     mlp = dsf_compile.apply(nn.Linear(3, 4), compiler="aot_eager")
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mlp(torch.randn(2, 3))
+    assert not [w for w in caught if "dsf_compile" in str(w.message)]  # a call that trains nothing: no verdict yet
     with pytest.warns(UserWarning, match="found no recurrent loop") as warned:
         mlp(torch.randn(2, 3))  # warned here
     assert warned[0].filename == __file__

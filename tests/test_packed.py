@@ -5,6 +5,7 @@ gradient entering at its last real step), Highway-BP with T − 1 refinements ex
 
 import copy
 import inspect
+import warnings
 
 import pytest
 import torch
@@ -160,9 +161,16 @@ def test_packed_calls_without_gradients_run_torchs_op_and_an_applied_module():
     model = PackedTagger("gru", 1, False).double()
     x, lengths, h0, *_ = _case("gru", 1, False, 0)
     compiled = dsf_compile.apply(copy.deepcopy(model), compiler="aot_eager")
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         out, _ = compiled(x, lengths, h0)
+    assert not [w for w in caught if "dsf_compile" in str(w.message)]  # a call that trains nothing says nothing
     assert rel_err(out, model(x, lengths, h0)[0]) <= 1e-12 and not dsf_compile.report(compiled).loops
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled(x, lengths, h0)[0].sum().backward()
+    assert not [w for w in caught if "dsf_compile" in str(w.message)]  # the first that trains: its loop rewritten
+    assert len(dsf_compile.report(compiled).loops) == 1
     gru = dsf_compile.apply(copy.deepcopy(model.rnn), compiler="aot_eager")
     packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
     out, hidden = gru(packed)
