@@ -135,7 +135,7 @@ class DSFBackend:
         return Report(loops, list(self._left.values()), list(self.graph_breaks), list(self.eager_calls),
                       traced=self._traced)
 
-    def rule_for(self, loop: LoopIR) -> LoopPlan:
+    def plan_for_loop(self, loop: LoopIR) -> LoopPlan:
         """The backend's rule bound to ``loop``, with what the loop's forward keeps for it."""
         try:
             return plan_for(self.rule, loop, compile_step=self.compiler == "inductor")
@@ -200,7 +200,7 @@ class DSFBackend:
                                             f"{excluded[key]} (a bug of dsf_compile: please report it)")
                                   for loop in loops])
                 return None
-            plans = [self.rule_for(loop) for loop in loops]
+            plans = [self.plan_for_loop(loop) for loop in loops]
             if rewrite:
                 apply_rewrite(plans)
             for loop, plan in zip(loops, plans):

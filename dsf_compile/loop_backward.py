@@ -25,9 +25,9 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .kernels import differentiable, filled, register_adjoint, to_receiver
+from .kernels import differentiable, filled, rademacher_like, register_adjoint, to_receiver
 from .loop_ir import LoopIR
-from .step.highway import HighwayStep
+from .step.highway import HighwayStep, highway_step_of
 
 # what each linearisation serves: the VJPs of inputs and weights ("local"), those against the
 # consumed states too ("transposed"), and with the highway diagonal beside them ("highway")
@@ -100,7 +100,7 @@ class LoopBackward:
 
     def probe(self) -> Tensor:
         """A Rademacher tensor (±1) shaped like ``g``."""
-        return torch.randint(0, 2, self.g.shape, device=self.g.device).to(self.g.dtype) * 2 - 1
+        return rademacher_like(self.g)
 
     def shift(self, per_step: Tensor) -> Tensor:
         """Values computed at step t moved to the step whose δ they feed: t − 1 (t + 1 for a
@@ -146,7 +146,7 @@ class LoopBackward:
                    *(self._previous if with_previous else ()))
         sizes = self.state_sizes
         if need == "highway":
-            step = self._highway_step()
+            step = highway_step_of(self.ir)
             _, vjp, diagonal = torch.func.vjp(lambda xs, ws, *prevs: self._batched_highway(step, xs, ws, prevs),
                                               *primals, has_aux=True)
             self._diagonal = diagonal.to(self.g.dtype)
@@ -167,13 +167,6 @@ class LoopBackward:
             return tuple(batched_body(self.ir, xs, prevs, ws, self._products.body, self._saved))
         return tuple(batched_body(self.ir, xs, prevs, ws))
 
-    def _highway_step(self) -> HighwayStep:
-        step = HighwayStep(self.ir.body, self.ir.num_step_inputs, len(self.ir.carry_sizes))
-        if not any(step.paths):
-            raise ValueError(f"loop {self.ir.name}: its step has no residual path (a ⊙ carry + b) on any carry, "
-                             "so it has no highway diagonal")
-        return step
-
     def _batched_highway(self, step: HighwayStep, xs, ws, prevs):
         """:meth:`_batched` of the highway step, with ``K`` at every step as auxiliary output."""
         xs, ws, prevs = self._inputs(xs, ws, prevs)
@@ -189,7 +182,7 @@ class LoopBackward:
 
     def _highway_values(self) -> Tensor:
         with torch.no_grad():
-            _, diagonal = self._batched_highway(self._highway_step(), (), (), ())
+            _, diagonal = self._batched_highway(highway_step_of(self.ir), (), (), ())
         return diagonal.to(self.g.dtype)
 
 

@@ -112,7 +112,7 @@ class PackedCalls:
                 rows_reversed=bool(direction),
                 note="packed: each row's δ over its own length" + (", rows reversed within it" if direction else ""),
             )
-            self._plans[key] = (loop, self.backend.rule_for(loop))
+            self._plans[key] = (loop, self.backend.plan_for_loop(loop))
         loop, plan = self._plans[key]
         loop.length, loop.batch, loop.source = length, batch, source
         self.backend._note(loop, plan)
@@ -135,13 +135,13 @@ def dsf_packed_rnn_call(calls: PackedCalls, packed: PackedSequence, hx):
     reversal = _row_reversal(lengths, T).to(x.device) if directions == 2 else None
     source = where_called()
     weights = dict(module.named_parameters())
+    names = ["weight_ih", "weight_hh", *(("bias_ih", "bias_hh") if module.bias else ())]
     finals: list[list[Tensor]] = []
     for layer in range(module.num_layers):
         outputs = []
         for direction in range(directions):
             loop, plan = calls.loop(layer, direction, T, B, source)
             suffix = f"_l{layer}" + ("_reverse" if direction else "")
-            names = ["weight_ih", "weight_hh", *(("bias_ih", "bias_hh") if module.bias else ())]
             index = layer * directions + direction
             inputs = x if not direction else _reorder(x, reversal)
             states = run_loop(loop, plan, [inputs, real], [c[index] for c in carries],

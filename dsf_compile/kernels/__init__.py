@@ -39,13 +39,13 @@ from .registry import (
     register_products,
 )
 from .run import run_kernel
-from .tensors import differentiable, eager_dispatch, filled, to_receiver
+from .tensors import differentiable, eager_dispatch, filled, rademacher_like, to_receiver
 
 __all__ = [
     "GRAPH_CACHE_SIZE", "AdjointParts", "GraphedLoop", "SavedProducts", "adjoint_parts", "cell_body", "clear_graphs",
     "compiled_step", "differentiable", "eager_dispatch", "exact_deltas", "exact_gradients", "extra_outputs", "filled",
     "graph_structure", "graphed_loop", "hoisted_inputs", "passed_through", "register_adjoint", "register_body",
-    "register_products", "run_kernel", "step_inputs_of", "stepped_states", "to_receiver", "writing_step",
-    "written_states", "_ADJOINTS", "_ADJOINT_PARTS", "_BODIES", "_COMPILED_ON_CPU", "_COMPILED_STEPS", "_GRAPHS",
-    "_WRITING_STEPS",
+    "rademacher_like", "register_products", "run_kernel", "step_inputs_of", "stepped_states", "to_receiver",
+    "writing_step", "written_states", "_ADJOINTS", "_ADJOINT_PARTS", "_BODIES", "_COMPILED_ON_CPU",
+    "_COMPILED_STEPS", "_GRAPHS", "_WRITING_STEPS",
 ]

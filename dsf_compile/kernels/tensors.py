@@ -35,6 +35,11 @@ def to_receiver(per_step: Tensor, reverse: bool) -> Tensor:
     return torch.cat([zero, per_step[:-1]]) if reverse else torch.cat([per_step[1:], zero])
 
 
+def rademacher_like(like: Tensor) -> Tensor:
+    """A tensor of independent ±1 draws shaped like ``like``, in its dtype and on its device."""
+    return torch.randint(0, 2, like.shape, device=like.device).to(like.dtype) * 2 - 1
+
+
 def differentiable(tensors) -> list[int]:
     """Positions of the tensors that can have a gradient (floating point or complex)."""
     return [i for i, t in enumerate(tensors) if t.is_floating_point() or t.is_complex()]

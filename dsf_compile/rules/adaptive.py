@@ -12,11 +12,11 @@ from __future__ import annotations
 import dataclasses
 import uuid
 
-import torch
 from torch import Tensor
 
 from .. import ops
 from ..feedback import register_estimates, smoothed_feedback, summarize
+from ..kernels import rademacher_like
 from ..loop_backward import LoopBackward
 from ..loop_ir import LoopIR
 from .rule import Rule, bound_field
@@ -71,7 +71,7 @@ def mean_jacobian_diagonal(like: Tensor, transposed_product, probe: Tensor | Non
     ``v`` shaped like ``like`` (``probe``, or one drawn here), ``transposed_product(v)``
     giving every row's ``Jᵀv``.  Exact for a diagonal J whatever the probe."""
     if probe is None:
-        probe = torch.randint(0, 2, like.shape, device=like.device).to(like.dtype) * 2 - 1
+        probe = rademacher_like(like)
     accumulator = ops.accumulator_dtype(like.dtype)
     products = probe.to(accumulator) * transposed_product(probe).to(accumulator)
     return products.flatten(0, -2).mean(0)

@@ -63,18 +63,22 @@ class Auto(Rule):
         state = self.measured.setdefault(self.loop, Measurement())
         state.calls += 1
         decays = loop.highway_diagonal()
-        scan = lambda u: loop.scan(u, loop.shift(decays))  # noqa: E731
-        w = scan(loop.g)
+        receiving = loop.shift(decays)  # K_{t+1} multiplies the δ step t receives
+
+        def refined(w: Tensor) -> Tensor:  # one Highway-BP refinement: scan_K(g + shift((J − K)ᵀ w))
+            return loop.scan(loop.g + loop.shift(loop.transposed(w) - decays * w), receiving)
+
+        w = loop.scan(loop.g, receiving)
         if state.calls != 1 and state.calls % self.every:
             for _ in range(state.iterations):
-                w = scan(loop.g + loop.shift(loop.transposed(w) - decays * w))
+                w = refined(w)
             return w
         want = _flat(loop.local_gradients(loop.exact()))
         for k in range(self.max_iterations + 1):
             cosine, _ = cosine_and_error(_flat(loop.local_gradients(w)), want)
             if cosine >= self.target or k == self.max_iterations:
                 break
-            w = scan(loop.g + loop.shift(loop.transposed(w) - decays * w))
+            w = refined(w)
         state.iterations, state.cosine, state.backward = k, cosine, state.calls
         return w
 

@@ -20,12 +20,10 @@ from .. import ops
 from ..kernels import to_receiver
 from ..loop_backward import LoopBackward
 from ..loop_ir import LoopIR
-from ..step.highway import HighwayStep
+from ..step.highway import NoHighwayPath, highway_step_of
 from .rule import Rule, bound_field
 
-
-class NoHighwayPath(ValueError):
-    """The loop's step has no residual path on any carry."""
+__all__ = ["Highway", "NoHighwayPath", "highway_refinement"]
 
 
 @dataclasses.dataclass
@@ -40,9 +38,7 @@ class Highway(Rule):
             raise ValueError(f"iterations must be an int >= 0 (highway refinements), got {k!r}")
 
     def bind(self, loop: LoopIR) -> Highway:
-        step = HighwayStep(loop.body, loop.num_step_inputs, len(loop.carry_sizes))
-        if not any(step.paths):
-            raise NoHighwayPath(loop)
+        step = highway_step_of(loop)
         with_path = [n for n, path in zip(loop.carry_names, step.paths) if path]
         without = [n for n, path in zip(loop.carry_names, step.paths) if not path]
         described = f"K on {', '.join(with_path)}" + (f" (0 on {', '.join(without)})" if without else "")

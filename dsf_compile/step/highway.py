@@ -25,9 +25,13 @@ many elements as the carry, in the carry's order (broadcasting adds only leading
 from __future__ import annotations
 
 import operator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.fx
+
+if TYPE_CHECKING:
+    from ..loop_ir import LoopIR
 
 _RESHAPES = (torch.reshape, "reshape", "view", "view_as", torch.flatten, "flatten", torch.squeeze, "squeeze",
              torch.unsqueeze, "unsqueeze")
@@ -127,6 +131,20 @@ def _derivative(target, args: tuple, kwargs: dict, d: tuple, dk: dict, out):
     # reshape keeps the order of the elements, and so of their derivatives
     first = d[0] if d else None
     return None if first is None else first.to(out.dtype).reshape(out.shape)
+
+
+class NoHighwayPath(ValueError):
+    """The loop's step has no residual path on any carry."""
+
+
+def highway_step_of(loop: LoopIR) -> HighwayStep:
+    """``loop``'s step run with each carry's highway coefficient beside it; raises
+    :class:`NoHighwayPath` when no carry has a residual path."""
+    step = HighwayStep(loop.body, loop.num_step_inputs, len(loop.carry_sizes))
+    if not any(step.paths):
+        raise NoHighwayPath(f"loop {loop.name}: its step has no residual path (a ⊙ carry + b) on any carry, "
+                            "so it has no highway diagonal")
+    return step
 
 
 class HighwayStep(torch.fx.Interpreter):
