@@ -15,6 +15,8 @@ import re
 FEEDBACKS = ("linspace", "uniform", "adaptive")
 AUTO_TARGET = 0.99
 EAGER_BPTT = "eager-bptt"
+# the train.py settings a method label stands for, beside --method
+METHOD_OPTIONS = ("feedback", "iterations", "window", "target")
 # the methods whose gradients are exact BPTT's: either is the reference of a comparison
 EXACT = (EAGER_BPTT, "bptt")
 
@@ -63,9 +65,7 @@ def train_flags(label: str) -> list[str]:
     if options is None:  # eager-bptt: the model as written
         return ["--method", label]
     flags = ["--method", options["mode"]]
-    if "feedback" in options:
-        flags += ["--feedback", options["feedback"]]
-    for option in ("iterations", "window", "target"):
+    for option in METHOD_OPTIONS:
         if option in options:
             flags += [f"--{option}", str(options[option])]
     return flags

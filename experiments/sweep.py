@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report  # noqa: E402
 import train  # noqa: E402
 from data import run_script  # noqa: E402
-from methods import train_flags  # noqa: E402
+from methods import METHOD_OPTIONS, train_flags  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 
@@ -73,7 +73,7 @@ def load_sweep(path: Path) -> dict:
     sections = [("base", sweep.get("base", {})), ("grid", sweep["grid"])] + [("also", p) for p in sweep.get("also", [])]
     for section, settings in sections:
         for key in settings:
-            if key not in known or key in ("out", "resume", "feedback", "iterations", "window", "target"):
+            if key not in known or key in ("out", "resume", *METHOD_OPTIONS):  # a method label sets its options
                 raise SystemExit(f"{path}: {section}.{key} is not a train.py setting a sweep may set")
     if "max_steps" in sweep["grid"]:
         raise SystemExit(f"{path}: max_steps is a budget of the whole sweep: set it in 'base', not in 'grid'")
